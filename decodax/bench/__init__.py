@@ -1,0 +1,1 @@
+"""Benchmark harness: speedup and τ against a baseline measured in the same run."""

@@ -1,0 +1,1 @@
+"""The model state and the one pure forward function."""

@@ -1,0 +1,192 @@
+"""LLaMA-family decoder (GQA, RoPE, RMSNorm, SwiGLU) as one pure ``apply`` function."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from decodax.model import cache as kv
+from decodax.model.config import ModelConfig
+
+NEG_INF = -1e30
+
+
+class ModelOutput(NamedTuple):
+    logits: Float[Array, "B T V"] | None
+    hidden: Float[Array, "B T D"]
+    cache: kv.KVCache
+
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    """RMSNorm (Zhang & Sennrich, 2019), computed in float32."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)) * weight
+
+
+def rope(x: Float[Array, "B T H D"], positions: Int[Array, "B T"], theta: float) -> Array:
+    """Rotary position embedding (Su et al., 2021), rotate-half (HF/NeoX) layout."""
+    half = x.shape[-1] // 2
+    freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angle = positions.astype(jnp.float32)[..., None] * freq  # [B, T, half]
+    cos = jnp.cos(angle)[:, :, None, :]
+    sin = jnp.sin(angle)[:, :, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer: x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x)).
+
+    Attention reads the committed cache entries (slots < ``cache_len``) and the
+    T new tokens (allowed pairs given by ``attn_mask``) with one softmax over
+    both, so new keys/values never need to be written before they are used.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, cache_k, cache_v, cache_len, attn_mask):
+        c = self.config
+        d, hd, h, kvh = c.dim, c.head_dim, c.n_heads, c.n_kv_heads
+        init = nn.initializers.normal(0.02)
+        wq = self.param("wq", init, (d, h * hd))
+        wk = self.param("wk", init, (d, kvh * hd))
+        wv = self.param("wv", init, (d, kvh * hd))
+        wo = self.param("wo", init, (h * hd, d))
+        attn_norm = self.param("attn_norm", nn.initializers.ones, (d,))
+        mlp_norm = self.param("mlp_norm", nn.initializers.ones, (d,))
+        w_gate = self.param("w_gate", init, (d, c.hidden_dim))
+        w_up = self.param("w_up", init, (d, c.hidden_dim))
+        w_down = self.param("w_down", init, (c.hidden_dim, d))
+
+        b, t, _ = x.shape
+        g = c.q_per_kv
+        hn = rms_norm(x, attn_norm, c.norm_eps)
+        q = rope((hn @ wq).reshape(b, t, h, hd), positions, c.rope_theta)
+        k = rope((hn @ wk).reshape(b, t, kvh, hd), positions, c.rope_theta)
+        v = (hn @ wv).reshape(b, t, kvh, hd)
+
+        q = q.reshape(b, t, kvh, g, hd) * (hd**-0.5)
+        s = cache_k.shape[1]
+        # Scores against the committed cache and against the new tokens.
+        sc = jnp.einsum("btkgd,bskd->bkgts", q, cache_k)
+        sn = jnp.einsum("btkgd,bukd->bkgtu", q, k)
+        live = (jnp.arange(s)[None, :] < cache_len[:, None])[:, None, None, None, :]
+        sc = jnp.where(live, sc, NEG_INF)
+        sn = jnp.where(attn_mask[:, None, None, :, :], sn, NEG_INF)
+        m = jnp.maximum(sc.max(-1, keepdims=True), sn.max(-1, keepdims=True))
+        pc, pn = jnp.exp(sc - m), jnp.exp(sn - m)
+        denom = pc.sum(-1, keepdims=True) + pn.sum(-1, keepdims=True)
+        o = jnp.einsum("bkgts,bskd->btkgd", pc / denom, cache_v) + jnp.einsum(
+            "bkgtu,bukd->btkgd", pn / denom, v
+        )
+        x = x + o.reshape(b, t, h * hd) @ wo
+
+        hn = rms_norm(x, mlp_norm, c.norm_eps)
+        x = x + (nn.silu(hn @ w_gate) * (hn @ w_up)) @ w_down
+        return x, k, v
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A LLaMA-family decoder: ``init`` makes params, ``apply`` is the one pure forward.
+
+    Hashable (it only holds the static config), so it can be passed to
+    ``jax.jit`` as a static argument and closed over by decoders.
+    """
+
+    config: ModelConfig
+
+    def init(self, key: PRNGKeyArray) -> dict:
+        """Random parameters (normal(0.02)) for tests and training from scratch."""
+        c = self.config
+        k_emb, k_head, k_layers = jax.random.split(key, 3)
+        block = Block(c)
+        dummy = (
+            jnp.zeros((1, 1, c.dim)), jnp.zeros((1, 1), jnp.int32),
+            jnp.zeros((1, 1, c.n_kv_heads, c.head_dim)), jnp.zeros((1, 1, c.n_kv_heads, c.head_dim)),
+            jnp.zeros((1,), jnp.int32), jnp.ones((1, 1, 1), bool),
+        )
+        layers = [block.init(k, *dummy)["params"] for k in jax.random.split(k_layers, c.n_layers)]
+        params = {
+            "embed": jax.random.normal(k_emb, (c.vocab_size, c.dim)) * 0.02,
+            "layers": layers,
+            "final_norm": jnp.ones((c.dim,)),
+        }
+        if not c.tie_embeddings:
+            params["lm_head"] = jax.random.normal(k_head, (c.dim, c.vocab_size)) * 0.02
+        return params
+
+    def logits(self, params: dict, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+        """Final RMSNorm then the LM head (tied to the embedding unless ``lm_head`` exists)."""
+        h = rms_norm(hidden, params["final_norm"], self.config.norm_eps)
+        if "lm_head" in params:
+            return h @ params["lm_head"]
+        return jnp.einsum("btd,vd->btv", h, params["embed"])
+
+    def apply(
+        self,
+        params: dict,
+        tokens: Int[Array, "B T"],
+        positions: Int[Array, "B T"],
+        cache: kv.KVCache,
+        attn_mask: Bool[Array, "B T T"] | None = None,
+        *,
+        exit_layer: int | None = None,
+        logits_at: Int[Array, "B K"] | None = None,
+        compute_logits: bool = True,
+    ) -> ModelOutput:
+        """Run T new tokens through the decoder over the committed cache.
+
+        Args:
+          tokens, positions: new token ids and their RoPE positions.
+          cache: committed entries are ``slots < cache.length``; the T new
+            keys/values are written at ``length .. length + T`` (not committed).
+          attn_mask: allowed pairs among the new tokens (None: causal chain; a
+            token tree passes its ancestor mask).
+          exit_layer: run only the first ``exit_layer`` layers (early exit /
+            self-speculation, e.g. LayerSkip, DEL); the LM head is applied to
+            that layer's output and only those layers' cache entries are written.
+          logits_at: positions (indices into T) whose logits are wanted;
+            None computes all T.
+          compute_logits: False skips the LM head (``logits`` is None).
+
+        Returns:
+          ``ModelOutput(logits, hidden, cache)``; ``hidden`` is the (pre-norm)
+          output of the last layer run.
+        """
+        c = self.config
+        b, t = tokens.shape
+        n_layers = c.n_layers if exit_layer is None else int(exit_layer)
+        if not 1 <= n_layers <= c.n_layers:
+            raise ValueError(f"exit_layer must be in [1, {c.n_layers}], got {exit_layer}")
+        if attn_mask is None:
+            attn_mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+        block = Block(c)
+        x = jnp.take(params["embed"], tokens, axis=0)
+        ks, vs = [], []
+        # A Python loop over per-layer weight dicts: XLA's CPU dot is ~2.5x slower on
+        # slices of stacked weights (scan) than on separate arrays.
+        for i, lp in enumerate(params["layers"][:n_layers]):
+            x, k, v = block.apply(
+                {"params": lp}, x, positions, cache.k[i], cache.v[i], cache.length, attn_mask
+            )
+            ks.append(k)
+            vs.append(v)
+        new_cache = kv.write(cache, jnp.stack(ks), jnp.stack(vs))
+        logits = None
+        if compute_logits:
+            h = x
+            if logits_at is not None:
+                h = jnp.take_along_axis(x, logits_at[..., None].astype(jnp.int32), axis=1)
+            logits = self.logits(params, h)
+        return ModelOutput(logits=logits, hidden=x, cache=new_cache)
+
+
+def param_count(params: Any) -> int:
+    return sum(int(p.size) for p in jax.tree.leaves(params))
