@@ -64,7 +64,7 @@ def cmd_bench(args) -> int:
     if "ar" not in names:
         names.insert(0, "ar")
     decoders = {n: make_decoder(n, model, params, sampler) for n in names}
-    report = [f"# decodax bench\n\nmodel: {default_model_path().name} (float32) · "
+    report = [f"# decodax bench\n\nmodel: {Path(default_model_path()).name} (float32) · "
               f"{len(prompts)} prompts · max_new_tokens={args.max_new_tokens} · "
               f"jax {jax.__version__} on {jax.devices()[0].platform}\n"]
     with Progress(console=console, transient=True) as progress:

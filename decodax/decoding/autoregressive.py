@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +50,8 @@ def prefill(model, params, prompt, prompt_len, key, *, sampler, max_new_tokens, 
     b, p = prompt.shape
     cache = kv.init_cache(model.config, b, capacity)
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    out = model.apply(params, prompt, positions, cache, logits_at=(prompt_len - 1)[:, None])
+    out = model.apply(params, prompt, positions, cache, logits_at=(prompt_len - 1)[:, None],
+                      empty_cache=True)
     cache = kv.commit(out.cache, prompt_len)
     key, sub = jax.random.split(key)
     state = DecodeState(
@@ -71,9 +73,16 @@ def prefill(model, params, prompt, prompt_len, key, *, sampler, max_new_tokens, 
 
 
 def autoregressive(model, sampler: sampling.Sampler | None = None) -> Decoder:
-    """Token-by-token decoding: one target forward per emitted token (τ = 1)."""
-    sampler = sampler or sampling.make_sampler(temperature=0.0)
+    """Token-by-token decoding: one target forward per emitted token (τ = 1).
 
+    Memoised on (model, sampler), both hashable, so repeated calls return the
+    same Decoder and ``generate`` reuses its compilation.
+    """
+    return _autoregressive(model, sampler or sampling.make_sampler(temperature=0.0))
+
+
+@functools.lru_cache(maxsize=64)
+def _autoregressive(model, sampler: sampling.Sampler) -> Decoder:
     def init(params, prompt, prompt_len, key, *, max_new_tokens, capacity):
         return prefill(model, params, prompt, prompt_len, key, sampler=sampler,
                        max_new_tokens=max_new_tokens, capacity=capacity)

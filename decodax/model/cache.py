@@ -15,7 +15,10 @@ from decodax.model.config import ModelConfig
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values of every layer, ``[layers, B, S, kv_heads, head_dim]``.
+    """Keys and values of every layer, ``[layers, B, kv_heads, S, head_dim]``.
+
+    Each (row, KV head) holds a contiguous ``[S, head_dim]`` block, so decode
+    attention is one batched matrix-vector product per layer.
 
     ``length[b]`` is the number of committed entries of row ``b``. Writing new
     entries (``Model.apply``) puts them at slots ``length .. length + T`` but
@@ -23,13 +26,13 @@ class KVCache:
     by not committing it (or by ``rollback``).
     """
 
-    k: Float[Array, "L B S K D"]
-    v: Float[Array, "L B S K D"]
+    k: Float[Array, "L B K S D"]
+    v: Float[Array, "L B K S D"]
     length: Int[Array, " B"]
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     @property
     def batch(self) -> int:
@@ -48,7 +51,7 @@ def init_cache(
         raise ValueError(f"cache batch must be >= 1, got {batch}")
     if capacity < 1:
         raise ValueError(f"cache capacity must be >= 1, got {capacity}")
-    shape = (config.n_layers, batch, capacity, config.n_kv_heads, config.head_dim)
+    shape = (config.n_layers, batch, config.n_kv_heads, capacity, config.head_dim)
     return KVCache(
         k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), length=jnp.zeros((batch,), jnp.int32)
     )
@@ -61,15 +64,19 @@ def write(
 ) -> KVCache:
     """Write T new entries per row at slots ``length .. length + T`` (no commit).
 
-    Layers beyond ``k_new.shape[0]`` are left untouched (early-exit forwards
-    write only the layers they ran). Slots past the capacity are dropped.
+    ``k_new, v_new`` are ``[layers_run, B, T, kv_heads, head_dim]`` (the model's
+    token-major order). Layers beyond ``layers_run`` are left untouched
+    (early-exit forwards write only the layers they ran). Slots past the
+    capacity are dropped.
     """
     n_layers, _, t = k_new.shape[:3]
     slots = cache.length[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
     rows = jnp.arange(cache.batch, dtype=jnp.int32)[:, None]
 
     def put(buf, new):
-        head = buf[:n_layers].at[:, rows, slots].set(new.astype(buf.dtype), mode="drop")
+        # buf[:, rows, :, slots] indexes as [B, T, L, K, D] (advanced indices first).
+        new = new.astype(buf.dtype).transpose(1, 2, 0, 3, 4)
+        head = buf[:n_layers].at[:, rows, :, slots].set(new, mode="drop")
         if n_layers == buf.shape[0]:
             return head
         return jax.lax.dynamic_update_slice_in_dim(buf, head, 0, axis=0)
@@ -105,8 +112,8 @@ def gather(cache: KVCache, src: Int[Array, "B P"], count: Int[Array, " B"]) -> K
     dst_slots = jnp.where(idx < count[:, None], base + idx, cache.capacity)  # out of range -> dropped
 
     def move(buf):
-        picked = buf[:, rows, src_slots]  # [L, B, P, K, D]
-        return buf.at[:, rows, dst_slots].set(picked, mode="drop")
+        picked = buf[:, rows, :, src_slots]  # [B, P, L, K, D]
+        return buf.at[:, rows, :, dst_slots].set(picked, mode="drop")
 
     moved = dataclasses.replace(cache, k=move(cache.k), v=move(cache.v))
     return commit(moved, count)

@@ -33,6 +33,7 @@ from jaxtyping import Array, Float
 
 from decodax.model.config import ModelConfig
 from decodax.model.tokenizer import Tokenizer
+from decodax.model.transformer import fuse_layer
 
 __all__ = [
     "GGUFFile",
@@ -464,9 +465,9 @@ def load_gguf(
     rotate-half layout of ``transformer.rope``), linear weights transposed to
     ``[in, out]``, and each leaf converted once to ``dtype``.
 
-    ``params["layers"]`` is a list of per-layer dicts (``attn_norm``, ``wq``,
-    ``wk``, ``wv``, ``wo``, ``mlp_norm``, ``w_gate``, ``w_up``, ``w_down``), the
-    layout ``Model.apply`` iterates over; ``stack_layers=True`` instead gives
+    ``params["layers"]`` is a list of per-layer dicts (``attn_norm``, ``wqkv``,
+    ``wo``, ``mlp_norm``, ``w_gate_up``, ``w_down``: Q/K/V and gate/up fused,
+    see ``transformer.fuse_layer``), the layout ``Model.apply`` iterates over; ``stack_layers=True`` instead gives
     one dict of arrays stacked on a leading layer axis. ``params`` has no
     ``"lm_head"`` when the file has no ``output.weight`` (tied embeddings).
 
@@ -491,16 +492,15 @@ def load_gguf(
             w = unpermute_qk(w, c.n_kv_heads)
         return np.ascontiguousarray(w.T) if _LAYER_TENSORS[short][2] else w
 
+    def layer(i: int) -> dict[str, np.ndarray]:
+        sep = {key: layer_tensor(i, short) for short, (key, _, _) in _LAYER_TENSORS.items()}
+        return fuse_layer(sep, concat=np.concatenate)
+
+    per_layer = [layer(i) for i in range(c.n_layers)]
     if stack_layers:
-        layers: Any = {
-            key: to_jnp(np.stack([layer_tensor(i, short) for i in range(c.n_layers)]))
-            for short, (key, _, _) in _LAYER_TENSORS.items()
-        }
+        layers: Any = {k: to_jnp(np.stack([lp[k] for lp in per_layer])) for k in per_layer[0]}
     else:
-        layers = [
-            {key: to_jnp(layer_tensor(i, short)) for short, (key, _, _) in _LAYER_TENSORS.items()}
-            for i in range(c.n_layers)
-        ]
+        layers = [{k: to_jnp(v) for k, v in lp.items()} for lp in per_layer]
     params: dict[str, Any] = {
         "embed": to_jnp(f.dequantize("token_embd.weight")),
         "layers": layers,

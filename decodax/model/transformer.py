@@ -42,9 +42,11 @@ def rope(x: Float[Array, "B T H D"], positions: Int[Array, "B T"], theta: float)
 class Block(nn.Module):
     """One pre-norm decoder layer: x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x)).
 
-    Attention reads the committed cache entries (slots < ``cache_len``) and the
-    T new tokens (allowed pairs given by ``attn_mask``) with one softmax over
-    both, so new keys/values never need to be written before they are used.
+    Attention reads the committed cache (slots < ``cache_len``, layout
+    ``[B, kv_heads, S, head_dim]``) and the T new tokens (pairs allowed by
+    ``attn_mask``) under one softmax, so new keys/values never need to be
+    written before they are used. Q/K/V and gate/up projections are fused
+    (``wqkv``, ``w_gate_up``): fewer, larger matrix-vector products.
     """
 
     config: ModelConfig
@@ -54,42 +56,62 @@ class Block(nn.Module):
         c = self.config
         d, hd, h, kvh = c.dim, c.head_dim, c.n_heads, c.n_kv_heads
         init = nn.initializers.normal(0.02)
-        wq = self.param("wq", init, (d, h * hd))
-        wk = self.param("wk", init, (d, kvh * hd))
-        wv = self.param("wv", init, (d, kvh * hd))
-        wo = self.param("wo", init, (h * hd, d))
         attn_norm = self.param("attn_norm", nn.initializers.ones, (d,))
+        wqkv = self.param("wqkv", init, (d, (h + 2 * kvh) * hd))
+        wo = self.param("wo", init, (h * hd, d))
         mlp_norm = self.param("mlp_norm", nn.initializers.ones, (d,))
-        w_gate = self.param("w_gate", init, (d, c.hidden_dim))
-        w_up = self.param("w_up", init, (d, c.hidden_dim))
+        w_gate_up = self.param("w_gate_up", init, (d, 2 * c.hidden_dim))
         w_down = self.param("w_down", init, (c.hidden_dim, d))
 
         b, t, _ = x.shape
         g = c.q_per_kv
-        hn = rms_norm(x, attn_norm, c.norm_eps)
-        q = rope((hn @ wq).reshape(b, t, h, hd), positions, c.rope_theta)
-        k = rope((hn @ wk).reshape(b, t, kvh, hd), positions, c.rope_theta)
-        v = (hn @ wv).reshape(b, t, kvh, hd)
+        qkv = rms_norm(x, attn_norm, c.norm_eps) @ wqkv
+        q = rope(qkv[..., : h * hd].reshape(b, t, h, hd), positions, c.rope_theta)
+        k = rope(qkv[..., h * hd : (h + kvh) * hd].reshape(b, t, kvh, hd), positions, c.rope_theta)
+        v = qkv[..., (h + kvh) * hd :].reshape(b, t, kvh, hd)
 
-        q = q.reshape(b, t, kvh, g, hd) * (hd**-0.5)
-        s = cache_k.shape[1]
-        # Scores against the committed cache and against the new tokens.
-        sc = jnp.einsum("btkgd,bskd->bkgts", q, cache_k)
-        sn = jnp.einsum("btkgd,bukd->bkgtu", q, k)
-        live = (jnp.arange(s)[None, :] < cache_len[:, None])[:, None, None, None, :]
-        sc = jnp.where(live, sc, NEG_INF)
-        sn = jnp.where(attn_mask[:, None, None, :, :], sn, NEG_INF)
-        m = jnp.maximum(sc.max(-1, keepdims=True), sn.max(-1, keepdims=True))
-        pc, pn = jnp.exp(sc - m), jnp.exp(sn - m)
-        denom = pc.sum(-1, keepdims=True) + pn.sum(-1, keepdims=True)
-        o = jnp.einsum("bkgts,bskd->btkgd", pc / denom, cache_v) + jnp.einsum(
-            "bkgtu,bukd->btkgd", pn / denom, v
-        )
-        x = x + o.reshape(b, t, h * hd) @ wo
+        # Queries grouped by KV head: [B, K, T*G, hd] (GQA without repeating K/V).
+        q = (q * hd**-0.5).reshape(b, t, kvh, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, kvh, t * g, hd)
+        sn = jnp.einsum("bkmd,bukd->bkmu", q, k)
+        sn = jnp.where(jnp.repeat(attn_mask, g, axis=1)[:, None], sn, NEG_INF)
+        if cache_k is None:
+            pn = jnp.exp(sn - sn.max(-1, keepdims=True))
+            o = jnp.einsum("bkmu,bukd->bkmd", pn / pn.sum(-1, keepdims=True), v)
+        else:
+            batch_dims = ((0, 1), (0, 1))
+            sc = jax.lax.dot_general(q, cache_k, (((3,), (3,)), batch_dims))  # [B, K, M, S]
+            live = jnp.arange(cache_k.shape[2])[None, :] < cache_len[:, None]
+            sc = jnp.where(live[:, None, None, :], sc, NEG_INF)
+            m = jnp.maximum(sc.max(-1, keepdims=True), sn.max(-1, keepdims=True))
+            pc, pn = jnp.exp(sc - m), jnp.exp(sn - m)
+            denom = pc.sum(-1, keepdims=True) + pn.sum(-1, keepdims=True)
+            o = jax.lax.dot_general(pc / denom, cache_v, (((3,), (2,)), batch_dims))
+            o = o + jnp.einsum("bkmu,bukd->bkmd", pn / denom, v)
+        o = o.reshape(b, kvh, t, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, t, h * hd)
+        x = x + o @ wo
 
-        hn = rms_norm(x, mlp_norm, c.norm_eps)
-        x = x + (nn.silu(hn @ w_gate) * (hn @ w_up)) @ w_down
+        gu = rms_norm(x, mlp_norm, c.norm_eps) @ w_gate_up
+        x = x + (nn.silu(gu[..., : c.hidden_dim]) * gu[..., c.hidden_dim :]) @ w_down
         return x, k, v
+
+
+def fuse_layer(layer: dict, concat=jnp.concatenate) -> dict:
+    """Separate projections (``wq, wk, wv, w_gate, w_up``) -> the fused layout Block uses."""
+    out = {k: v for k, v in layer.items() if k not in ("wq", "wk", "wv", "w_gate", "w_up")}
+    out["wqkv"] = concat([layer["wq"], layer["wk"], layer["wv"]], axis=-1)
+    out["w_gate_up"] = concat([layer["w_gate"], layer["w_up"]], axis=-1)
+    return out
+
+
+def split_layer(layer: dict, config: ModelConfig) -> dict:
+    """Inverse of ``fuse_layer``: the fused layer dict -> separate projections."""
+    c = config
+    q_end, k_end = c.n_heads * c.head_dim, (c.n_heads + c.n_kv_heads) * c.head_dim
+    out = {k: v for k, v in layer.items() if k not in ("wqkv", "w_gate_up")}
+    wqkv, gu = layer["wqkv"], layer["w_gate_up"]
+    out.update(wq=wqkv[..., :q_end], wk=wqkv[..., q_end:k_end], wv=wqkv[..., k_end:],
+               w_gate=gu[..., : c.hidden_dim], w_up=gu[..., c.hidden_dim :])
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +131,7 @@ class Model:
         block = Block(c)
         dummy = (
             jnp.zeros((1, 1, c.dim)), jnp.zeros((1, 1), jnp.int32),
-            jnp.zeros((1, 1, c.n_kv_heads, c.head_dim)), jnp.zeros((1, 1, c.n_kv_heads, c.head_dim)),
+            jnp.zeros((1, c.n_kv_heads, 1, c.head_dim)), jnp.zeros((1, c.n_kv_heads, 1, c.head_dim)),
             jnp.zeros((1,), jnp.int32), jnp.ones((1, 1, 1), bool),
         )
         layers = [block.init(k, *dummy)["params"] for k in jax.random.split(k_layers, c.n_layers)]
@@ -140,6 +162,7 @@ class Model:
         exit_layer: int | None = None,
         logits_at: Int[Array, "B K"] | None = None,
         compute_logits: bool = True,
+        empty_cache: bool = False,
     ) -> ModelOutput:
         """Run T new tokens through the decoder over the committed cache.
 
@@ -155,6 +178,8 @@ class Model:
           logits_at: positions (indices into T) whose logits are wanted;
             None computes all T.
           compute_logits: False skips the LM head (``logits`` is None).
+          empty_cache: the caller guarantees no committed entries (a prefill):
+            attention skips the cache, which saves work and compile time.
 
         Returns:
           ``ModelOutput(logits, hidden, cache)``; ``hidden`` is the (pre-norm)
@@ -173,9 +198,8 @@ class Model:
         # A Python loop over per-layer weight dicts: XLA's CPU dot is ~2.5x slower on
         # slices of stacked weights (scan) than on separate arrays.
         for i, lp in enumerate(params["layers"][:n_layers]):
-            x, k, v = block.apply(
-                {"params": lp}, x, positions, cache.k[i], cache.v[i], cache.length, attn_mask
-            )
+            ck, cv = (None, None) if empty_cache else (cache.k[i], cache.v[i])
+            x, k, v = block.apply({"params": lp}, x, positions, ck, cv, cache.length, attn_mask)
             ks.append(k)
             vs.append(v)
         new_cache = kv.write(cache, jnp.stack(ks), jnp.stack(vs))

@@ -16,13 +16,19 @@ def tiny():
     return model, model.init(jax.random.key(3))
 
 
-def _reference_greedy(model, params, prompt, n):
-    """Greedy decoding by full re-forward of the whole sequence each step (no cache reuse)."""
+def _reference_greedy(model, params, prompt, n, width=32):
+    """Greedy decoding by a full causal re-forward of the whole sequence each step (no cache)."""
+
+    @jax.jit
+    def next_token(tokens, last):
+        cache = kv.init_cache(model.config, 1, width)
+        out = model.apply(params, tokens, jnp.arange(width)[None], cache, empty_cache=True)
+        return jnp.argmax(out.logits[0, last])
+
     seq = list(prompt)
     for _ in range(n):
-        t = jnp.array([seq])
-        out = model.apply(params, t, jnp.arange(len(seq))[None], kv.init_cache(model.config, 1, 64))
-        seq.append(int(jnp.argmax(out.logits[0, -1])))
+        padded = jnp.array([seq + [0] * (width - len(seq))])
+        seq.append(int(next_token(padded, len(seq) - 1)))
     return seq[len(prompt):]
 
 

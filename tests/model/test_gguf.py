@@ -14,6 +14,7 @@ from gguf import GGMLQuantizationType as Q
 
 from decodax.model import default as default_mod
 from decodax.model.cache import init_cache
+from decodax.model.transformer import fuse_layer
 from decodax.model.gguf import (
     GGUFFileNotFoundError,
     load_gguf,
@@ -130,8 +131,12 @@ def write_tiny_gguf(path, *, arch="llama", tie=True, seed=0, types=None, extra_t
         per_layer["w_down"].append(T(put(b + "ffn_down.weight", rnd(c["D"], c["F"]))))
     if extra_tensor is not None:
         w.add_tensor(*extra_tensor[:2], **extra_tensor[2] if len(extra_tensor) > 2 else {})
+    def fused(layer):
+        complete = all(k in layer for k in ("wq", "wk", "wv", "w_gate", "w_up"))
+        return fuse_layer(layer, concat=np.concatenate) if complete else layer
+
     expected["layers"] = [
-        {k: v[i] for k, v in per_layer.items() if v[i] is not None} for i in range(c["L"])
+        fused({k: v[i] for k, v in per_layer.items() if v[i] is not None}) for i in range(c["L"])
     ]
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -206,7 +211,7 @@ def test_tiny_types_and_untied_head(tmp_path):
         np.asarray(params["lm_head"], np.float32), expected["lm_head"].astype(jnp.bfloat16).astype(np.float32)
     )
     for i in range(TINY["L"]):
-        for k in ("wq", "wk"):
+        for k in ("wqkv", "w_gate_up"):
             np.testing.assert_array_equal(
                 np.asarray(params["layers"][i][k], np.float32),
                 expected["layers"][i][k].astype(jnp.bfloat16).astype(np.float32),
@@ -365,7 +370,7 @@ def test_default_config(default_model):
     assert config.rope_theta == 100000.0 and config.max_seq_len == 8192
     assert config.bos_id == 1 and config.eos_ids == (2,) and config.pad_id == 2
     assert "lm_head" not in params and len(params["layers"]) == 30
-    assert params["layers"][29]["wq"].shape == (576, 576) and params["layers"][0]["wk"].shape == (576, 192)
+    assert params["layers"][29]["wqkv"].shape == (576, 960) and params["layers"][0]["w_gate_up"].shape == (576, 3072)
     assert params["layers"][0]["w_down"].shape == (1536, 576) and params["embed"].dtype == jnp.float32
     assert tok.eos_ids == (2,) and tok.id_to_token(2) == "<|im_end|>"
 

@@ -17,7 +17,7 @@ def tiny():
 def _full(model, params, tokens, capacity=32):
     b, t = tokens.shape
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    return model.apply(params, tokens, pos, kv.init_cache(model.config, b, capacity))
+    return jax.jit(model.apply)(params, tokens, pos, kv.init_cache(model.config, b, capacity))
 
 
 def test_incremental_decoding_equals_full_forward(tiny):
@@ -25,10 +25,11 @@ def test_incremental_decoding_equals_full_forward(tiny):
     tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 61)
     full = _full(model, params, tokens).logits
     c = kv.init_cache(model.config, 2, 32)
-    out = model.apply(params, tokens[:, :5], jnp.broadcast_to(jnp.arange(5), (2, 5)), c)
+    apply = jax.jit(model.apply)
+    out = apply(params, tokens[:, :5], jnp.broadcast_to(jnp.arange(5), (2, 5)), c)
     c = kv.commit(out.cache, 5)
     for i in range(5, 9):
-        step = model.apply(params, tokens[:, i : i + 1], jnp.full((2, 1), i), c)
+        step = apply(params, tokens[:, i : i + 1], jnp.full((2, 1), i), c)
         np.testing.assert_allclose(step.logits[:, 0], full[:, i], atol=1e-5)
         c = kv.commit(step.cache, 1)
 
@@ -42,7 +43,7 @@ def test_tree_mask_equals_separate_chains(tiny):
     tokens = jnp.array([[8, 9, 10, 11]])
     pos = jnp.array([[3, 4, 3, 4]])
     mask = jnp.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]], bool)[None]
-    tree = model.apply(params, tokens, pos, c, attn_mask=mask).logits
+    tree = jax.jit(model.apply)(params, tokens, pos, c, attn_mask=mask).logits
     for branch, sl in ((a, slice(0, 2)), (b, slice(2, 4))):
         chain = _full(model, params, jnp.array([[5, 6, 7] + branch])).logits[:, 3:]
         np.testing.assert_allclose(tree[:, sl], chain, atol=1e-5)
@@ -63,7 +64,7 @@ def test_exit_layer_logits_at_and_hidden(tiny):
     np.testing.assert_allclose(early.hidden, ref, atol=1e-5)
     # only the first layer's cache entries are written
     assert float(jnp.abs(early.cache.k[1:]).max()) == 0.0
-    assert float(jnp.abs(early.cache.k[0, 0, :4]).max()) > 0.0
+    assert float(jnp.abs(early.cache.k[0, 0, :, :4]).max()) > 0.0
     with pytest.raises(ValueError, match="exit_layer"):
         model.apply(params, tokens, pos, c, exit_layer=4)
 
@@ -73,7 +74,7 @@ def _ref_one_layer(model, params, tokens):
 
     cfg = model.config
     x = params["embed"][tokens]
-    z = jnp.zeros((1, 1, cfg.n_kv_heads, cfg.head_dim))
+    z = jnp.zeros((1, cfg.n_kv_heads, 1, cfg.head_dim))
     mask = jnp.tril(jnp.ones((4, 4), bool))[None]
     out, _, _ = Block(cfg).apply({"params": params["layers"][0]}, x, jnp.arange(4)[None], z, z,
                                  jnp.zeros((1,), jnp.int32), mask)
@@ -96,5 +97,6 @@ def test_untied_head_and_param_shapes():
     params = model.init(jax.random.key(0))
     assert params["lm_head"].shape == (32, 64)
     assert len(params["layers"]) == 2
+    assert params["layers"][0]["wqkv"].shape == (32, (4 + 2 * 2) * 8)
     out = _full(model, params, jnp.array([[1, 2, 3]]))
     assert out.logits.shape == (1, 3, 64)

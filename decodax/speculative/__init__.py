@@ -1,0 +1,52 @@
+"""Speculative decoding: lossless verifiers (chain, tree, multi-draft, recursive) and token trees.
+
+See :mod:`decodax.speculative.verify` for the verifiers' shapes and
+:mod:`decodax.speculative.trees` for the token-tree convention (node 0 is the
+root = the last emitted token, ``parents[i] < i``).
+"""
+
+from decodax.speculative.trees import (
+    TreeTemplate,
+    accepted_path,
+    ancestor_mask,
+    chain_tree,
+    full_tree,
+    tree_depths,
+    tree_from_paths,
+    tree_positions,
+    validate_parents,
+)
+from decodax.speculative.verify import (
+    MultiDraftResult,
+    TreeVerifyResult,
+    sample_without_replacement,
+    spectr_rho,
+    verify_greedy,
+    verify_multi_draft,
+    verify_recursive,
+    verify_sampling,
+    verify_tree_greedy,
+    verify_tree_sampling,
+)
+
+__all__ = [
+    "MultiDraftResult",
+    "TreeTemplate",
+    "TreeVerifyResult",
+    "accepted_path",
+    "ancestor_mask",
+    "chain_tree",
+    "full_tree",
+    "sample_without_replacement",
+    "spectr_rho",
+    "tree_depths",
+    "tree_from_paths",
+    "tree_positions",
+    "validate_parents",
+    "verify_greedy",
+    "verify_multi_draft",
+    "verify_recursive",
+    "verify_sampling",
+    "verify_tree_greedy",
+    "verify_tree_sampling",
+]
