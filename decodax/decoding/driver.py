@@ -106,7 +106,11 @@ def _run(decoder: Decoder, params, prompt, prompt_len, key, eos, stops, budget, 
         nxt = dataclasses.replace(nxt, steps=s.steps + 1)
         return _finish(nxt, s, eos, stops, n_max, decoder.max_step_tokens)
 
-    state = jax.lax.while_loop(lambda s: jnp.any(~s.done), body, state)
+    # Every step emits >= 1 token per active row, so max_new_tokens steps always
+    # suffice; the bound only guards against a decoder that emits nothing.
+    state = jax.lax.while_loop(
+        lambda s: jnp.any(~s.done) & (s.steps < max_new_tokens), body, state
+    )
     return state.tokens[:, :max_new_tokens], state.num_generated, state.calls, state.steps
 
 
