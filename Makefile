@@ -19,7 +19,7 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/decodax generate "What is speculative decoding? Answer in two sentences." --max-new-tokens 64
-	$(VENV)/bin/decodax bench --limit 4 --max-new-tokens 48 --out experiments/results/demo
+	$(VENV)/bin/decodax bench --limit 4 --max-new-tokens 48 --methods ar,pld --out experiments/results/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests --nbmake notebooks

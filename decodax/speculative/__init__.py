@@ -5,6 +5,8 @@ See :mod:`decodax.speculative.verify` for the verifiers' shapes and
 root = the last emitted token, ``parents[i] < i``).
 """
 
+from decodax.speculative.decoder import speculative
+from decodax.speculative.drafters import Drafter, Proposal, early_exit_drafter, prompt_lookup
 from decodax.speculative.trees import (
     TreeTemplate,
     accepted_path,
@@ -30,6 +32,11 @@ from decodax.speculative.verify import (
 )
 
 __all__ = [
+    "Drafter",
+    "Proposal",
+    "early_exit_drafter",
+    "prompt_lookup",
+    "speculative",
     "MultiDraftResult",
     "TreeTemplate",
     "TreeVerifyResult",

@@ -1,0 +1,124 @@
+"""Chain speculative decoding as a :class:`~decodax.decoding.Decoder`."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from decodax import sampling
+from decodax.decoding.autoregressive import context_of, emit, prefill
+from decodax.decoding.state import Decoder, DecodeState
+from decodax.model import cache as kv
+from decodax.speculative.drafters import Drafter
+from decodax.speculative.verify import verify_greedy, verify_sampling
+
+__all__ = ["speculative"]
+
+
+def speculative(model, drafter: Drafter, *, k: int, sampler: sampling.Sampler | None = None,
+                verifier=None, skip_empty: bool = True) -> Decoder:
+    """Chain speculative decoding (Leviathan et al. 2023, Algorithm 1; Chen et al.
+    2023, Algorithm 2): every step the drafter proposes ``k`` tokens per row, one
+    target forward scores ``[last_token, d_1 .. d_k]`` (``T = k + 1``) and the
+    verifier keeps the longest acceptable prefix plus one target token, so a
+    step emits ``1 .. k + 1`` tokens and the output law is the target's.
+
+    Greedy samplers (temperature 0) use :func:`verify_greedy` (output identical
+    to greedy decoding); otherwise :func:`verify_sampling` on
+    ``sampling.probs(sampler, .)`` applied alike to target and draft (penalties
+    see the drafts as context). ``verifier`` replaces the sampling verifier
+    (``(draft_tokens, draft_probs, target_probs, key) -> (accepted, next)``;
+    tests use it for negative controls). ``skip_empty``: when no row has a
+    draft (``Proposal.length == 0`` everywhere, e.g. prompt lookup found no
+    match) the step runs a plain ``T = 1`` forward instead of verifying filler.
+
+    Memoised on its (hashable) arguments, so ``generate`` reuses compilations.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"speculative: draft length k must be an int >= 1, got {k!r}")
+    if not isinstance(drafter, Drafter):
+        raise ValueError(f"speculative: drafter must be a Drafter (init, propose, update), got {type(drafter).__name__}")
+    sampler = sampler or sampling.make_sampler(temperature=0.0)
+    return _speculative(model, drafter, k, sampler, verifier, bool(skip_empty))
+
+
+def _draft_context(ctx, mask, drafts):
+    """Context of target position ``i`` (0..K) = context + d_1..d_i: ``[B, K+1, L+K]`` and its mask."""
+    b, k = drafts.shape
+    l = ctx.shape[1]
+    full = jnp.concatenate([ctx, drafts], axis=1)
+    full = jnp.broadcast_to(full[:, None], (b, k + 1, l + k))
+    tri = jnp.arange(k)[None, :] < jnp.arange(k + 1)[:, None]  # [K+1, K]
+    m = jnp.concatenate([jnp.broadcast_to(mask[:, None], (b, k + 1, l)),
+                         jnp.broadcast_to(tri[None], (b, k + 1, k))], axis=2)
+    return full, m
+
+
+@functools.lru_cache(maxsize=64)
+def _speculative(model, drafter: Drafter, k: int, sampler: sampling.Sampler, verifier, skip_empty: bool) -> Decoder:
+    greedy = sampler.is_greedy
+    verify_fn = verifier or verify_sampling
+
+    def init(params, prompt, prompt_len, key, *, max_new_tokens, capacity):
+        state = prefill(model, params, prompt, prompt_len, key, sampler=sampler,
+                        max_new_tokens=max_new_tokens, capacity=capacity, max_step_tokens=k + 1)
+        return dataclasses.replace(state, extra=drafter.init(params, state))
+
+    def target_probs_or_logits(logits, state, drafts):
+        """Greedy: logits whose argmax is the greedy token; sampling: probabilities."""
+        if not sampler.needs_context:
+            return logits if greedy else sampling.probs(sampler, logits)
+        ctx, mask = context_of(state)
+        full, m = _draft_context(ctx, mask, drafts)
+        fn = sampling.process if greedy else sampling.probs
+        return fn(sampler, logits, full, m)
+
+    def finish(state, out, new, count, key, dstate, accepted):
+        active = ~state.done
+        state = dataclasses.replace(
+            state,
+            cache=kv.commit(out.cache, jnp.where(active, count, 0)),
+            key=key,
+            calls=state.calls + active,
+        )
+        state = emit(state, new, count)
+        return dataclasses.replace(state, extra=drafter.update(dstate, state, accepted))
+
+    def spec_step(params, state, prop, key, k_verify):
+        drafts = prop.tokens
+        b = drafts.shape[0]
+        tokens = jnp.concatenate([state.last_token[:, None], drafts], axis=1)
+        positions = state.cache.length[:, None] + jnp.arange(k + 1, dtype=jnp.int32)[None, :]
+        out = model.apply(params, tokens, positions, state.cache)
+        target = target_probs_or_logits(out.logits, state, drafts)
+        if greedy:
+            accepted, nxt = verify_greedy(drafts, target)
+        else:
+            accepted, nxt = verify_fn(drafts, prop.probs, target, k_verify)
+        new = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
+        new = new.at[jnp.arange(b), accepted].set(nxt.astype(jnp.int32))
+        return finish(state, out, new, accepted + 1, key, prop.dstate, accepted)
+
+    def plain_step(params, state, prop, key, k_verify):
+        out = model.apply(params, state.last_token[:, None], state.cache.length[:, None], state.cache)
+        ctx, mask = context_of(state) if sampler.needs_context else (None, None)
+        tok = sampling.sample_with(sampler, out.logits[:, 0], None if greedy else k_verify,
+                                   context=ctx, context_mask=mask)
+        b = tok.shape[0]
+        new = jnp.zeros((b, k + 1), jnp.int32).at[:, 0].set(tok.astype(jnp.int32))
+        zero = jnp.zeros((b,), jnp.int32)
+        return finish(state, out, new, zero + 1, key, prop.dstate, zero)
+
+    def step(params, state: DecodeState) -> DecodeState:
+        key, k_draft, k_verify = jax.random.split(state.key, 3)
+        prop = drafter.propose(params, state, state.extra, k_draft, k=k, sampler=sampler)
+        if not (skip_empty and drafter.may_be_empty):
+            return spec_step(params, state, prop, key, k_verify)
+        useful = jnp.any((prop.length > 0) & ~state.done)
+        return jax.lax.cond(useful, spec_step, plain_step, params, state, prop, key, k_verify)
+
+    return Decoder(init=init, step=step, model=model, max_step_tokens=k + 1,
+                   name=f"speculative[{drafter.name}, k={k}]")
