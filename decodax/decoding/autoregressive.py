@@ -72,6 +72,19 @@ def prefill(model, params, prompt, prompt_len, key, *, sampler, max_new_tokens, 
     return emit(state, first[:, None].astype(jnp.int32), jnp.ones((b,), jnp.int32))
 
 
+def next_token(model, params, state: DecodeState, sampler: sampling.Sampler, key):
+    """One T = 1 forward of ``last_token`` and the next token drawn by ``sampler``.
+
+    Returns ``(token int32[B], ModelOutput)``; the output's cache holds the new
+    entry uncommitted.
+    """
+    out = model.apply(params, state.last_token[:, None], state.cache.length[:, None], state.cache)
+    ctx, mask = context_of(state) if sampler.needs_context else (None, None)
+    tok = sampling.sample_with(sampler, out.logits[:, 0], None if sampler.is_greedy else key,
+                               context=ctx, context_mask=mask)
+    return tok.astype(jnp.int32), out
+
+
 def autoregressive(model, sampler: sampling.Sampler | None = None) -> Decoder:
     """Token-by-token decoding: one target forward per emitted token (τ = 1).
 
@@ -89,11 +102,8 @@ def _autoregressive(model, sampler: sampling.Sampler) -> Decoder:
 
     def step(params, state: DecodeState) -> DecodeState:
         active = ~state.done
-        pos = state.cache.length[:, None]
-        out = model.apply(params, state.last_token[:, None], pos, state.cache)
         key, sub = jax.random.split(state.key)
-        ctx, mask = context_of(state)
-        tok = sampling.sample_with(sampler, out.logits[:, 0], sub, context=ctx, context_mask=mask)
+        tok, out = next_token(model, params, state, sampler, sub)
         state = dataclasses.replace(
             state,
             cache=kv.commit(out.cache, active.astype(jnp.int32)),

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from decodax import sampling
-from decodax.decoding.autoregressive import context_of, emit, prefill
+from decodax.decoding.autoregressive import context_of, emit, next_token, prefill
 from decodax.decoding.state import Decoder, DecodeState
 from decodax.model import cache as kv
 from decodax.speculative.drafters import Drafter
@@ -103,12 +103,9 @@ def _speculative(model, drafter: Drafter, k: int, sampler: sampling.Sampler, ver
         return finish(state, out, new, accepted + 1, key, prop.dstate, accepted)
 
     def plain_step(params, state, prop, key, k_verify):
-        out = model.apply(params, state.last_token[:, None], state.cache.length[:, None], state.cache)
-        ctx, mask = context_of(state) if sampler.needs_context else (None, None)
-        tok = sampling.sample_with(sampler, out.logits[:, 0], None if greedy else k_verify,
-                                   context=ctx, context_mask=mask)
+        tok, out = next_token(model, params, state, sampler, k_verify)
         b = tok.shape[0]
-        new = jnp.zeros((b, k + 1), jnp.int32).at[:, 0].set(tok.astype(jnp.int32))
+        new = jnp.zeros((b, k + 1), jnp.int32).at[:, 0].set(tok)
         zero = jnp.zeros((b,), jnp.int32)
         return finish(state, out, new, zero + 1, key, prop.dstate, zero)
 
