@@ -415,16 +415,16 @@ def unpermute_qk(w: Float[np.ndarray, "O I"], n_heads: int) -> Float[np.ndarray,
 
 
 _LAYER_TENSORS = {
-    # gguf name: (params key, numpy shape (torch layout) as a function of the config, transpose?)
-    "attn_norm": ("attn_norm", lambda c: (c.dim,), False),
-    "attn_q": ("wq", lambda c: (c.n_heads * c.head_dim, c.dim), True),
-    "attn_k": ("wk", lambda c: (c.n_kv_heads * c.head_dim, c.dim), True),
-    "attn_v": ("wv", lambda c: (c.n_kv_heads * c.head_dim, c.dim), True),
-    "attn_output": ("wo", lambda c: (c.dim, c.n_heads * c.head_dim), True),
-    "ffn_norm": ("mlp_norm", lambda c: (c.dim,), False),
-    "ffn_gate": ("w_gate", lambda c: (c.hidden_dim, c.dim), True),
-    "ffn_up": ("w_up", lambda c: (c.hidden_dim, c.dim), True),
-    "ffn_down": ("w_down", lambda c: (c.dim, c.hidden_dim), True),
+    # gguf name: (params key, numpy shape ([out, in], the layout decodax keeps) from the config)
+    "attn_norm": ("attn_norm", lambda c: (c.dim,)),
+    "attn_q": ("wq", lambda c: (c.n_heads * c.head_dim, c.dim)),
+    "attn_k": ("wk", lambda c: (c.n_kv_heads * c.head_dim, c.dim)),
+    "attn_v": ("wv", lambda c: (c.n_kv_heads * c.head_dim, c.dim)),
+    "attn_output": ("wo", lambda c: (c.dim, c.n_heads * c.head_dim)),
+    "ffn_norm": ("mlp_norm", lambda c: (c.dim,)),
+    "ffn_gate": ("w_gate", lambda c: (c.hidden_dim, c.dim)),
+    "ffn_up": ("w_up", lambda c: (c.hidden_dim, c.dim)),
+    "ffn_down": ("w_down", lambda c: (c.dim, c.hidden_dim)),
 }
 
 
@@ -437,7 +437,7 @@ def _check_tensors(f: GGUFFile, config: ModelConfig) -> None:
     if not c.tie_embeddings:
         expected["output.weight"] = (c.vocab_size, c.dim)
     for i in range(c.n_layers):
-        for short, (_, shape_fn, _) in _LAYER_TENSORS.items():
+        for short, (_, shape_fn) in _LAYER_TENSORS.items():
             expected[f"blk.{i}.{short}.weight"] = shape_fn(c)
     missing = [n for n in expected if n not in f.tensors]
     if missing:
@@ -462,8 +462,8 @@ def load_gguf(
 
     Every tensor is dequantized with ``gguf.quants.dequantize`` to float32
     numpy, Q/K rows are un-permuted (llama.cpp's interleaved RoPE -> the
-    rotate-half layout of ``transformer.rope``), linear weights transposed to
-    ``[in, out]``, and each leaf converted once to ``dtype``.
+    rotate-half layout of ``transformer.rope``), linear weights kept in the
+    file's ``[out, in]`` layout, and each leaf converted once to ``dtype``.
 
     ``params["layers"]`` is a list of per-layer dicts (``attn_norm``, ``wqkv``,
     ``wo``, ``mlp_norm``, ``w_gate_up``, ``w_down``: Q/K/V and gate/up fused,
@@ -490,10 +490,10 @@ def load_gguf(
             w = unpermute_qk(w, c.n_heads)
         elif short == "attn_k":
             w = unpermute_qk(w, c.n_kv_heads)
-        return np.ascontiguousarray(w.T) if _LAYER_TENSORS[short][2] else w
+        return w
 
     def layer(i: int) -> dict[str, np.ndarray]:
-        sep = {key: layer_tensor(i, short) for short, (key, _, _) in _LAYER_TENSORS.items()}
+        sep = {key: layer_tensor(i, short) for short, (key, _) in _LAYER_TENSORS.items()}
         return fuse_layer(sep, concat=np.concatenate)
 
     per_layer = [layer(i) for i in range(c.n_layers)]
@@ -507,5 +507,5 @@ def load_gguf(
         "final_norm": to_jnp(f.dequantize("output_norm.weight")),
     }
     if not c.tie_embeddings:
-        params["lm_head"] = to_jnp(np.ascontiguousarray(f.dequantize("output.weight").T))
+        params["lm_head"] = to_jnp(f.dequantize("output.weight"))
     return config, params, tokenizer

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from decodax.kernels import bmm, linear
 from decodax.model import cache as kv
 from decodax.model.config import ModelConfig
 
@@ -42,30 +43,33 @@ def rope(x: Float[Array, "B T H D"], positions: Int[Array, "B T"], theta: float)
 class Block(nn.Module):
     """One pre-norm decoder layer: x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x)).
 
-    Attention reads the committed cache (slots < ``cache_len``, layout
-    ``[B, kv_heads, S, head_dim]``) and the T new tokens (pairs allowed by
+    Attention reads the committed cache (slots < ``cache_len`` of layer
+    ``layer`` of the stacked ``[L, B, kv_heads, S, head_dim]`` arrays, or no
+    cache when ``cache_k`` is None) and the T new tokens (pairs allowed by
     ``attn_mask``) under one softmax, so new keys/values never need to be
     written before they are used. Q/K/V and gate/up projections are fused
-    (``wqkv``, ``w_gate_up``): fewer, larger matrix-vector products.
+    (``wqkv``, ``w_gate_up``): fewer, larger matrix-vector products. Weights are
+    stored ``[out, in]`` (the GGUF / ``torch.nn.Linear`` layout) and applied with
+    :func:`decodax.kernels.linear`, which streams each weight row once.
     """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, cache_k, cache_v, cache_len, attn_mask):
+    def __call__(self, x, positions, cache_k, cache_v, cache_len, attn_mask, layer=0):
         c = self.config
         d, hd, h, kvh = c.dim, c.head_dim, c.n_heads, c.n_kv_heads
         init = nn.initializers.normal(0.02)
         attn_norm = self.param("attn_norm", nn.initializers.ones, (d,))
-        wqkv = self.param("wqkv", init, (d, (h + 2 * kvh) * hd))
-        wo = self.param("wo", init, (h * hd, d))
+        wqkv = self.param("wqkv", init, ((h + 2 * kvh) * hd, d))
+        wo = self.param("wo", init, (d, h * hd))
         mlp_norm = self.param("mlp_norm", nn.initializers.ones, (d,))
-        w_gate_up = self.param("w_gate_up", init, (d, 2 * c.hidden_dim))
-        w_down = self.param("w_down", init, (c.hidden_dim, d))
+        w_gate_up = self.param("w_gate_up", init, (2 * c.hidden_dim, d))
+        w_down = self.param("w_down", init, (d, c.hidden_dim))
 
         b, t, _ = x.shape
         g = c.q_per_kv
-        qkv = rms_norm(x, attn_norm, c.norm_eps) @ wqkv
+        qkv = linear(rms_norm(x, attn_norm, c.norm_eps), wqkv)
         q = rope(qkv[..., : h * hd].reshape(b, t, h, hd), positions, c.rope_theta)
         k = rope(qkv[..., h * hd : (h + kvh) * hd].reshape(b, t, kvh, hd), positions, c.rope_theta)
         v = qkv[..., (h + kvh) * hd :].reshape(b, t, kvh, hd)
@@ -78,28 +82,32 @@ class Block(nn.Module):
             pn = jnp.exp(sn - sn.max(-1, keepdims=True))
             o = jnp.einsum("bkmu,bukd->bkmd", pn / pn.sum(-1, keepdims=True), v)
         else:
-            batch_dims = ((0, 1), (0, 1))
-            sc = jax.lax.dot_general(q, cache_k, (((3,), (3,)), batch_dims))  # [B, K, M, S]
-            live = jnp.arange(cache_k.shape[2])[None, :] < cache_len[:, None]
+            # cache_k/v: the whole [L, B, K, S, hd] cache, layer ``layer`` read in place.
+            s_len = cache_k.shape[3]
+            stacked = lambda c: c.reshape(c.shape[0], b * kvh, s_len, hd)
+            sc = bmm(q.reshape(b * kvh, t * g, hd), stacked(cache_k), transposed=True, w_index=layer)
+            sc = sc.reshape(b, kvh, t * g, s_len)  # [B, K, M, S]
+            live = jnp.arange(s_len)[None, :] < cache_len[:, None]
             sc = jnp.where(live[:, None, None, :], sc, NEG_INF)
             m = jnp.maximum(sc.max(-1, keepdims=True), sn.max(-1, keepdims=True))
             pc, pn = jnp.exp(sc - m), jnp.exp(sn - m)
             denom = pc.sum(-1, keepdims=True) + pn.sum(-1, keepdims=True)
-            o = jax.lax.dot_general(pc / denom, cache_v, (((3,), (2,)), batch_dims))
-            o = o + jnp.einsum("bkmu,bukd->bkmd", pn / denom, v)
+            pv = bmm((pc / denom).reshape(b * kvh, t * g, s_len), stacked(cache_v), transposed=False, w_index=layer)
+            o = pv.reshape(b, kvh, t * g, hd) + jnp.einsum("bkmu,bukd->bkmd", pn / denom, v)
         o = o.reshape(b, kvh, t, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, t, h * hd)
-        x = x + o @ wo
+        x = x + linear(o, wo)
 
-        gu = rms_norm(x, mlp_norm, c.norm_eps) @ w_gate_up
-        x = x + (nn.silu(gu[..., : c.hidden_dim]) * gu[..., c.hidden_dim :]) @ w_down
+        gu = linear(rms_norm(x, mlp_norm, c.norm_eps), w_gate_up)
+        x = x + linear(nn.silu(gu[..., : c.hidden_dim]) * gu[..., c.hidden_dim :], w_down)
         return x, k, v
 
 
 def fuse_layer(layer: dict, concat=jnp.concatenate) -> dict:
-    """Separate projections (``wq, wk, wv, w_gate, w_up``) -> the fused layout Block uses."""
+    """Separate projections (``wq, wk, wv, w_gate, w_up``, each ``[..., out, in]``) ->
+    the fused layout Block uses (outputs concatenated)."""
     out = {k: v for k, v in layer.items() if k not in ("wq", "wk", "wv", "w_gate", "w_up")}
-    out["wqkv"] = concat([layer["wq"], layer["wk"], layer["wv"]], axis=-1)
-    out["w_gate_up"] = concat([layer["w_gate"], layer["w_up"]], axis=-1)
+    out["wqkv"] = concat([layer["wq"], layer["wk"], layer["wv"]], axis=-2)
+    out["w_gate_up"] = concat([layer["w_gate"], layer["w_up"]], axis=-2)
     return out
 
 
@@ -109,8 +117,8 @@ def split_layer(layer: dict, config: ModelConfig) -> dict:
     q_end, k_end = c.n_heads * c.head_dim, (c.n_heads + c.n_kv_heads) * c.head_dim
     out = {k: v for k, v in layer.items() if k not in ("wqkv", "w_gate_up")}
     wqkv, gu = layer["wqkv"], layer["w_gate_up"]
-    out.update(wq=wqkv[..., :q_end], wk=wqkv[..., q_end:k_end], wv=wqkv[..., k_end:],
-               w_gate=gu[..., : c.hidden_dim], w_up=gu[..., c.hidden_dim :])
+    out.update(wq=wqkv[..., :q_end, :], wk=wqkv[..., q_end:k_end, :], wv=wqkv[..., k_end:, :],
+               w_gate=gu[..., : c.hidden_dim, :], w_up=gu[..., c.hidden_dim :, :])
     return out
 
 
@@ -131,7 +139,7 @@ class Model:
         block = Block(c)
         dummy = (
             jnp.zeros((1, 1, c.dim)), jnp.zeros((1, 1), jnp.int32),
-            jnp.zeros((1, c.n_kv_heads, 1, c.head_dim)), jnp.zeros((1, c.n_kv_heads, 1, c.head_dim)),
+            jnp.zeros((1, 1, c.n_kv_heads, 1, c.head_dim)), jnp.zeros((1, 1, c.n_kv_heads, 1, c.head_dim)),
             jnp.zeros((1,), jnp.int32), jnp.ones((1, 1, 1), bool),
         )
         layers = [block.init(k, *dummy)["params"] for k in jax.random.split(k_layers, c.n_layers)]
@@ -141,15 +149,13 @@ class Model:
             "final_norm": jnp.ones((c.dim,)),
         }
         if not c.tie_embeddings:
-            params["lm_head"] = jax.random.normal(k_head, (c.dim, c.vocab_size)) * 0.02
+            params["lm_head"] = jax.random.normal(k_head, (c.vocab_size, c.dim)) * 0.02
         return params
 
     def logits(self, params: dict, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         """Final RMSNorm then the LM head (tied to the embedding unless ``lm_head`` exists)."""
         h = rms_norm(hidden, params["final_norm"], self.config.norm_eps)
-        if "lm_head" in params:
-            return h @ params["lm_head"]
-        return jnp.einsum("btd,vd->btv", h, params["embed"])
+        return linear(h, params["lm_head"] if "lm_head" in params else params["embed"])
 
     def apply(
         self,
@@ -198,8 +204,8 @@ class Model:
         # A Python loop over per-layer weight dicts: XLA's CPU dot is ~2.5x slower on
         # slices of stacked weights (scan) than on separate arrays.
         for i, lp in enumerate(params["layers"][:n_layers]):
-            ck, cv = (None, None) if empty_cache else (cache.k[i], cache.v[i])
-            x, k, v = block.apply({"params": lp}, x, positions, ck, cv, cache.length, attn_mask)
+            ck, cv = (None, None) if empty_cache else (cache.k, cache.v)
+            x, k, v = block.apply({"params": lp}, x, positions, ck, cv, cache.length, attn_mask, i)
             ks.append(k)
             vs.append(v)
         new_cache = kv.write(cache, jnp.stack(ks), jnp.stack(vs))

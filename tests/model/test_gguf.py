@@ -105,8 +105,8 @@ def write_tiny_gguf(path, *, arch="llama", tie=True, seed=0, types=None, extra_t
         w.add_tensor(name, stored, raw_dtype=None if qtype in (Q.F32, Q.F16) else qtype)
         return recovered
 
-    def T(x):
-        return None if x is None else x.T
+    def T(x):  # decodax keeps the file's [out, in] layout
+        return x
 
     def rnd(*shape, scale=0.3):
         return (rng.standard_normal(shape) * scale).astype(np.float32)
@@ -206,7 +206,7 @@ def test_tiny_types_and_untied_head(tmp_path):
     assert info["blk.0.attn_q.weight"].type == Q.Q5_1 and info["output.weight"].type == Q.Q4_1
     config, params, _ = load_gguf(path, dtype=jnp.bfloat16)
     assert not config.tie_embeddings
-    assert params["lm_head"].shape == (TINY["D"], TINY["V"]) and params["lm_head"].dtype == jnp.bfloat16
+    assert params["lm_head"].shape == (TINY["V"], TINY["D"]) and params["lm_head"].dtype == jnp.bfloat16
     np.testing.assert_array_equal(
         np.asarray(params["lm_head"], np.float32), expected["lm_head"].astype(jnp.bfloat16).astype(np.float32)
     )
@@ -370,8 +370,8 @@ def test_default_config(default_model):
     assert config.rope_theta == 100000.0 and config.max_seq_len == 8192
     assert config.bos_id == 1 and config.eos_ids == (2,) and config.pad_id == 2
     assert "lm_head" not in params and len(params["layers"]) == 30
-    assert params["layers"][29]["wqkv"].shape == (576, 960) and params["layers"][0]["w_gate_up"].shape == (576, 3072)
-    assert params["layers"][0]["w_down"].shape == (1536, 576) and params["embed"].dtype == jnp.float32
+    assert params["layers"][29]["wqkv"].shape == (960, 576) and params["layers"][0]["w_gate_up"].shape == (3072, 576)
+    assert params["layers"][0]["w_down"].shape == (576, 1536) and params["embed"].dtype == jnp.float32
     assert tok.eos_ids == (2,) and tok.id_to_token(2) == "<|im_end|>"
 
 

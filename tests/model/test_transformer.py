@@ -74,7 +74,7 @@ def _ref_one_layer(model, params, tokens):
 
     cfg = model.config
     x = params["embed"][tokens]
-    z = jnp.zeros((1, cfg.n_kv_heads, 1, cfg.head_dim))
+    z = jnp.zeros((1, 1, cfg.n_kv_heads, 1, cfg.head_dim))  # [L, B, K, S, hd]
     mask = jnp.tril(jnp.ones((4, 4), bool))[None]
     out, _, _ = Block(cfg).apply({"params": params["layers"][0]}, x, jnp.arange(4)[None], z, z,
                                  jnp.zeros((1,), jnp.int32), mask)
@@ -95,8 +95,8 @@ def test_jit_vmap_apply(tiny):
 def test_untied_head_and_param_shapes():
     model = Model(tiny_config(tie_embeddings=False))
     params = model.init(jax.random.key(0))
-    assert params["lm_head"].shape == (32, 64)
+    assert params["lm_head"].shape == (64, 32)
     assert len(params["layers"]) == 2
-    assert params["layers"][0]["wqkv"].shape == (32, (4 + 2 * 2) * 8)
+    assert params["layers"][0]["wqkv"].shape == ((4 + 2 * 2) * 8, 32)
     out = _full(model, params, jnp.array([[1, 2, 3]]))
     assert out.logits.shape == (1, 3, 64)

@@ -1,0 +1,160 @@
+"""``linear(x, w) = x @ w.T`` with a small-M CPU kernel (XLA FFI custom call).
+
+Decoding multiplies a few rows (the T new tokens of a decode, verify or
+Jacobi step) by large weight matrices. XLA:CPU computes one row as a fast
+matrix-vector product but 2+ rows with a GEMM that repacks the weight matrix
+on every call, so verifying 8 tokens costs ~3x decoding one although both only
+need to stream the weights once. ``smallm_gemm.cc`` streams each weight row
+once, keeps ``rows x 4`` dot products in AVX2 registers and splits the output
+columns over XLA's intra-op thread pool; each output element is computed the
+same way whatever ``M`` is, so a verify step and a decode step give bitwise
+equal logits for the same context.
+
+The shared library is compiled on first use with the system C++ compiler
+(``$CXX`` or ``g++``) into ``$DECODAX_CACHE`` (default ``~/.cache/decodax``)
+and registered as an XLA:CPU FFI target. Where it cannot be used (no
+compiler, no AVX2/FMA, another platform, ``DECODAX_SMALLM=0``, non-float32
+operands, more than ``MAX_ROWS`` rows) ``linear`` is the plain XLA product.
+Under ``jax.jit`` on a GPU/TPU the XLA branch is selected at lowering
+(``lax.platform_dependent``); gradients use the XLA product (``custom_jvp``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+__all__ = ["MAX_ROWS", "available", "bmm", "linear", "linear_xla"]
+
+MAX_ROWS = 32  # above this XLA's GEMM is the better kernel (prefill)
+_SOURCE = Path(__file__).with_name("smallm_gemm.cc")
+_NT, _NN = "decodax_smallm_nt", "decodax_smallm_nn"
+_TARGETS = {_NT: "SmallmNT", _NN: "SmallmNN"}
+
+
+def _cpu_has_avx2_fma() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("DECODAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "decodax")
+    return Path(root) / "kernels"
+
+
+def _build() -> Path:
+    """Compile ``smallm_gemm.cc`` once per (source, jaxlib version); return the .so path."""
+    source = _SOURCE.read_bytes()
+    tag = hashlib.sha256(source + jax.__version__.encode()).hexdigest()[:16]
+    lib = _cache_dir() / f"libdecodax_smallm_{tag}.so"
+    if lib.exists():
+        return lib
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+        out = Path(tmp) / lib.name
+        cmd = [cxx, "-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w",
+               f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{proc.stderr[-2000:]}")
+        os.replace(out, lib)  # atomic: concurrent builders never see a partial file
+    return lib
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the small-M kernels are compiled and registered for XLA:CPU."""
+    if os.environ.get("DECODAX_SMALLM", "1") == "0" or not _cpu_has_avx2_fma():
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(_build()))
+        for target, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    except Exception as e:  # noqa: BLE001 -- any build/registration failure means: use XLA
+        warnings.warn(f"decodax: small-M CPU kernel unavailable, using XLA's dot ({e})", stacklevel=2)
+        return False
+    return True
+
+
+def _xla_bmm(x, w, w_index, transposed):
+    if w.ndim == 4:
+        w = w[w_index]
+    return jnp.einsum("gmk,gnk->gmn" if transposed else "gmk,gkn->gmn", x, jnp.broadcast_to(w, (x.shape[0],) + w.shape[1:]))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _bmm(x, w, w_index: int, transposed: bool):
+    n = w.shape[-2] if transposed else w.shape[-1]
+    call = jax.ffi.ffi_call(_NT if transposed else _NN,
+                            jax.ShapeDtypeStruct((x.shape[0], x.shape[1], n), jnp.float32),
+                            vmap_method="sequential")
+    return jax.lax.platform_dependent(
+        x, w,
+        cpu=lambda a, b: call(a, b, w_index=np.int64(w_index)),
+        default=lambda a, b: _xla_bmm(a, b, w_index, transposed),
+    )
+
+
+@_bmm.defjvp
+def _bmm_jvp(w_index, transposed, primals, tangents):
+    (x, w), (dx, dw) = primals, tangents
+    return _bmm(x, w, w_index, transposed), _xla_bmm(dx, w, w_index, transposed) + _xla_bmm(x, dw, w_index, transposed)
+
+
+def _use_kernel(x, w, rows: int) -> bool:
+    return x.dtype == jnp.float32 and w.dtype == jnp.float32 and 1 <= rows <= MAX_ROWS and available()
+
+
+def bmm(x: Float[Array, "G M K"], w: Float[Array, "*L Gw A B"], *, transposed: bool,
+        w_index: int | None = None) -> Float[Array, "G M N"]:
+    """Batched small-M product ``x[g] @ w[g].T`` (``transposed``) or ``x[g] @ w[g]``.
+
+    ``w`` has batch size ``G`` or 1 (shared); a 4-D ``w`` is a stack of which
+    entry ``w_index`` is used (one layer of the ``[L, B, K, S, D]`` KV cache,
+    read in place rather than sliced out first). Attention over the cache uses
+    it: ``q . k`` is the ``transposed`` form and ``p . v`` the plain one.
+    """
+    if (w.ndim == 4) != (w_index is not None) or x.ndim != 3 or w.ndim not in (3, 4):
+        raise ValueError(f"bmm: x must be [G, M, K] and w [G|1, ., .] (or 4-D with w_index), got "
+                         f"{x.shape}, {w.shape}, w_index={w_index}")
+    if not _use_kernel(x, w, x.shape[1]):
+        return _xla_bmm(x, w, w_index, transposed)
+    return _bmm(x, w, 0 if w_index is None else int(w_index), bool(transposed))
+
+
+def linear_xla(x: Float[Array, "... K"], w: Float[Array, "N K"]) -> Float[Array, "... N"]:
+    """``x @ w.T`` as one XLA dot (weights stored ``[out, in]``, like ``torch.nn.Linear``)."""
+    return jnp.einsum("...k,nk->...n", x, w)
+
+
+def linear(x: Float[Array, "... K"], w: Float[Array, "N K"]) -> Float[Array, "... N"]:
+    """``x @ w.T`` for weights stored ``[out, in]``: the small-M kernel when it applies
+    (float32, at most ``MAX_ROWS`` rows, kernel available), else one XLA dot."""
+    if x.shape[-1] != w.shape[-1] or w.ndim != 2:
+        raise ValueError(f"linear: x has {x.shape[-1]} features but w must be [out, in], got {w.shape}")
+    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+    if not _use_kernel(x, w, rows):
+        return linear_xla(x, w)
+    y = _bmm(x.reshape(1, rows, x.shape[-1]), w[None], 0, True)
+    return y.reshape(*x.shape[:-1], w.shape[0])

@@ -1,0 +1,220 @@
+// Small-M matrix products for XLA:CPU through the XLA FFI.
+//
+// Decoding multiplies a handful of rows (the T = 1..16 new tokens of a decode,
+// speculative-verify or Jacobi step) by large weight matrices. XLA:CPU runs
+// M = 1 as a fast matrix-vector product but M >= 2 through a general GEMM that
+// repacks the whole weight matrix on every call, so a verify step of 8 tokens
+// costs ~3x a step of 1 although both only need to stream the weights once.
+// These kernels stream each weight once, keep a block of outputs (rows x 4
+// weight rows for NT, rows x 16 columns for NN) in AVX2 registers and split
+// (batch entry, column chunk) work items over XLA's intra-op thread pool.
+//
+//   SmallmNT: y[g, M, N] = x[g, M, K] @ w[g, N, K]^T  (weights [out, in]; attention q.k)
+//   SmallmNN: y[g, M, N] = x[g, M, K] @ w[g, K, N]    (attention p.v)
+// w may have batch size 1 (shared weights). The NT form streams contiguous
+// weight rows and is the fast one for large weights; NN reads 16-column panels.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kMR = 4;  // rows per register block
+
+// ---------------------------------------------------------------- NN kernel
+// One panel of 16 output columns for MR rows: acc[r] += x[r, k] * w[k, c0:c0+16].
+template <int MR>
+inline void PanelNN(const float* x, int64_t K, const float* w, int64_t N, float* y) {
+  __m256 a0[MR], a1[MR];
+  for (int r = 0; r < MR; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const float* wk = w + k * N;
+    _mm_prefetch(reinterpret_cast<const char*>(wk + 8 * N), _MM_HINT_T0);
+    __m256 w0 = _mm256_loadu_ps(wk), w1 = _mm256_loadu_ps(wk + 8);
+    for (int r = 0; r < MR; ++r) {
+      __m256 xb = _mm256_broadcast_ss(x + r * K + k);
+      a0[r] = _mm256_fmadd_ps(xb, w0, a0[r]);
+      a1[r] = _mm256_fmadd_ps(xb, w1, a1[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_ps(y + r * N, a0[r]);
+    _mm256_storeu_ps(y + r * N + 8, a1[r]);
+  }
+}
+
+// Columns [c0, c1) of y for all M rows (c0, c1 multiples of 16 except a scalar tail).
+void ColumnsNN(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
+               int64_t c0, int64_t c1) {
+  int64_t c = c0;
+  for (; c + 16 <= c1; c += 16) {
+    int64_t m = 0;
+    for (; m + kMR <= M; m += kMR) PanelNN<kMR>(x + m * K, K, w + c, N, y + m * N + c);
+    switch (M - m) {
+      case 3: PanelNN<3>(x + m * K, K, w + c, N, y + m * N + c); break;
+      case 2: PanelNN<2>(x + m * K, K, w + c, N, y + m * N + c); break;
+      case 1: PanelNN<1>(x + m * K, K, w + c, N, y + m * N + c); break;
+      default: break;
+    }
+  }
+  for (; c < c1; ++c) {
+    for (int64_t m = 0; m < M; ++m) {
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * w[k * N + c];
+      y[m * N + c] = s;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- NT kernel
+inline float HSum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(s);
+}
+
+// 4 weight rows (output columns n0..n0+3) for MR rows of x; K % 8 == 0.
+template <int MR>
+inline void QuadNT(const float* x, int64_t K, const float* w, int64_t N, float* y) {
+  __m256 acc[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    __m256 wv[4];
+    for (int j = 0; j < 4; ++j) wv[j] = _mm256_loadu_ps(w + j * K + k);
+    for (int r = 0; r < MR; ++r) {
+      __m256 xv = _mm256_loadu_ps(x + r * K + k);
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_fmadd_ps(xv, wv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 4; ++j) y[r * N + j] = HSum(acc[r][j]);
+}
+
+void ColumnsNT(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
+               int64_t c0, int64_t c1) {
+  int64_t c = c0;
+  if (K % 8 == 0) {
+    for (; c + 4 <= c1; c += 4) {
+      int64_t m = 0;
+      for (; m + 3 <= M; m += 3) QuadNT<3>(x + m * K, K, w + c * K, N, y + m * N + c);
+      switch (M - m) {
+        case 2: QuadNT<2>(x + m * K, K, w + c * K, N, y + m * N + c); break;
+        case 1: QuadNT<1>(x + m * K, K, w + c * K, N, y + m * N + c); break;
+        default: break;
+      }
+    }
+  }
+  for (; c < c1; ++c) {
+    for (int64_t m = 0; m < M; ++m) {
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * w[c * K + k];
+      y[m * N + c] = s;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- threading
+// Column chunks handed out by an atomic counter; the calling thread works too
+// and finishes every chunk itself if the pool never runs the scheduled tasks,
+// so the call cannot deadlock on a busy pool.
+struct Job {
+  std::function<void(int64_t, int64_t, int64_t)> run;  // (batch entry, columns [c0, c1))
+  int64_t n_cols = 0, chunk = 0, per_batch = 0, n_chunks = 0;
+  std::atomic<int64_t> next{0}, done{0};
+
+  void Work() {
+    for (int64_t i; (i = next.fetch_add(1)) < n_chunks;) {
+      int64_t g = i / per_batch, c = (i % per_batch) * chunk;
+      run(g, c, std::min(n_cols, c + chunk));
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+void RunParallel(ffi::ThreadPool& pool, int64_t batch, int64_t n_cols, int64_t align,
+                 std::function<void(int64_t, int64_t, int64_t)> run) {
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  // ~4 chunks per thread for balance, aligned to the kernel's column block.
+  int64_t per = std::max<int64_t>(1, 4 * threads / batch);
+  int64_t chunk = (n_cols + per - 1) / per;
+  chunk = std::max<int64_t>(align, (chunk + align - 1) / align * align);
+  auto job = std::make_shared<Job>();
+  job->run = std::move(run);
+  job->n_cols = n_cols;
+  job->chunk = chunk;
+  job->per_batch = (n_cols + chunk - 1) / chunk;
+  job->n_chunks = batch * job->per_batch;
+  int64_t helpers = std::min<int64_t>(threads, job->n_chunks) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([job] { job->Work(); });
+  job->Work();
+  while (job->done.load(std::memory_order_acquire) < job->n_chunks) _mm_pause();
+}
+
+// y[g] = x[g] @ w[g]^T (kTransposed) or x[g] @ w[g] for every batch entry g; a
+// leading batch dimension of size 1 on w is shared by all g (weights).
+template <bool kTransposed>
+ffi::Error SmallmImpl(ffi::ThreadPool pool, ffi::AnyBuffer x_any, ffi::AnyBuffer w_any,
+                      ffi::Result<ffi::AnyBuffer> y_any, int64_t w_index) {
+  // w is [G|1, ., .] or [L, G|1, ., .] of which entry w_index is used (one
+  // layer of a stacked KV cache, without slicing it out first).
+  auto xd = x_any.dimensions(), wd_all = w_any.dimensions();
+  if (x_any.element_type() != ffi::F32 || w_any.element_type() != ffi::F32)
+    return ffi::Error::InvalidArgument("smallm: float32 operands only");
+  if (xd.size() != 3 || (wd_all.size() != 3 && wd_all.size() != 4))
+    return ffi::Error::InvalidArgument("smallm: x must be 3-D and w 3-D or 4-D");
+  const bool stacked = wd_all.size() == 4;
+  if (stacked && (w_index < 0 || w_index >= wd_all[0]))
+    return ffi::Error::InvalidArgument("smallm: w_index out of range");
+  const int64_t wd[3] = {wd_all[stacked], wd_all[stacked + 1], wd_all[stacked + 2]};
+  int64_t G = xd[0], M = xd[1], K = xd[2];
+  int64_t N = kTransposed ? wd[1] : wd[2];
+  if ((kTransposed ? wd[2] : wd[1]) != K) return ffi::Error::InvalidArgument("smallm: inner dimensions differ");
+  if (wd[0] != G && wd[0] != 1) return ffi::Error::InvalidArgument("smallm: batch dimensions differ");
+  const int64_t w_stride = wd[0] == 1 ? 0 : K * N;
+  const float* xp = static_cast<const float*>(x_any.untyped_data());
+  const float* wp = static_cast<const float*>(w_any.untyped_data()) +
+                    (stacked ? w_index * wd[0] * wd[1] * wd[2] : 0);
+  float* yp = static_cast<float*>(y_any->untyped_data());
+  if (G == 0 || M == 0 || N == 0) return ffi::Error::Success();
+  if (K == 0) {
+    std::fill(yp, yp + G * M * N, 0.f);
+    return ffi::Error::Success();
+  }
+  // Work items: (batch entry, column chunk) flattened to one column range of G * N.
+  const int64_t align = kTransposed ? 4 : 16;
+  RunParallel(pool, G, N, align, [=](int64_t g, int64_t c0, int64_t c1) {
+    const float* xg = xp + g * M * K;
+    const float* wg = wp + g * w_stride;
+    float* yg = yp + g * M * N;
+    if (kTransposed) {
+      ColumnsNT(xg, wg, yg, M, K, N, c0, c1);
+    } else {
+      ColumnsNN(xg, wg, yg, M, K, N, c0, c1);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define DECODAX_SMALLM_HANDLER(name, transposed)                          \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, SmallmImpl<transposed>,             \
+                                ffi::Ffi::Bind()                          \
+                                    .Ctx<ffi::ThreadPool>()               \
+                                    .Arg<ffi::AnyBuffer>()                \
+                                    .Arg<ffi::AnyBuffer>()                \
+                                    .Ret<ffi::AnyBuffer>()                \
+                                    .Attr<int64_t>("w_index"));
+
+DECODAX_SMALLM_HANDLER(SmallmNT, true)
+DECODAX_SMALLM_HANDLER(SmallmNN, false)
