@@ -35,7 +35,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 __all__ = ["MAX_ROWS", "available", "bmm", "linear", "linear_xla"]
 
@@ -100,26 +100,42 @@ def available() -> bool:
 def _xla_bmm(x, w, w_index, transposed):
     if w.ndim == 4:
         w = w[w_index]
-    return jnp.einsum("gmk,gnk->gmn" if transposed else "gmk,gkn->gmn", x, jnp.broadcast_to(w, (x.shape[0],) + w.shape[1:]))
+    w = jnp.broadcast_to(w, (x.shape[0],) + w.shape[1:])
+    return jnp.einsum("gmk,gnk->gmn" if transposed else "gmk,gkn->gmn", x, w)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def _bmm(x, w, w_index: int, transposed: bool):
+def _live_mask(lengths, group, g, n):
+    live = jnp.arange(n)[None, :] < jnp.repeat(lengths, group, total_repeat_length=g)[:, None]
+    return live[:, None, :]  # [G, 1, n]
+
+
+def _xla_bmm_live(x, w, lengths, w_index, transposed, group):
+    """The XLA reference of the kernel, including its treatment of ``lengths``."""
+    g = x.shape[0]
+    if transposed:
+        y = _xla_bmm(x, w, w_index, True)
+        return jnp.where(_live_mask(lengths, group, g, y.shape[-1]), y, 0.0)
+    return _xla_bmm(jnp.where(_live_mask(lengths, group, g, x.shape[-1]), x, 0.0), w, w_index, False)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
+def _bmm(x, w, lengths, w_index: int, transposed: bool, group: int):
     n = w.shape[-2] if transposed else w.shape[-1]
     call = jax.ffi.ffi_call(_NT if transposed else _NN,
                             jax.ShapeDtypeStruct((x.shape[0], x.shape[1], n), jnp.float32),
                             vmap_method="sequential")
     return jax.lax.platform_dependent(
-        x, w,
-        cpu=lambda a, b: call(a, b, w_index=np.int64(w_index)),
-        default=lambda a, b: _xla_bmm(a, b, w_index, transposed),
+        x, w, lengths,
+        cpu=lambda a, b, c: call(a, b, c, w_index=np.int64(w_index), group=np.int64(group)),
+        default=lambda a, b, c: _xla_bmm_live(a, b, c, w_index, transposed, group),
     )
 
 
 @_bmm.defjvp
-def _bmm_jvp(w_index, transposed, primals, tangents):
-    (x, w), (dx, dw) = primals, tangents
-    return _bmm(x, w, w_index, transposed), _xla_bmm(dx, w, w_index, transposed) + _xla_bmm(x, dw, w_index, transposed)
+def _bmm_jvp(w_index, transposed, group, primals, tangents):
+    (x, w, lengths), (dx, dw, _) = primals, tangents
+    f = functools.partial(_xla_bmm_live, lengths=lengths, w_index=w_index, transposed=transposed, group=group)
+    return _bmm(x, w, lengths, w_index, transposed, group), f(dx, w) + f(x, dw)
 
 
 def _use_kernel(x, w, rows: int) -> bool:
@@ -127,20 +143,32 @@ def _use_kernel(x, w, rows: int) -> bool:
 
 
 def bmm(x: Float[Array, "G M K"], w: Float[Array, "*L Gw A B"], *, transposed: bool,
-        w_index: int | None = None) -> Float[Array, "G M N"]:
+        w_index: int | None = None, lengths: Int[Array, " Bl"] | None = None) -> Float[Array, "G M N"]:
     """Batched small-M product ``x[g] @ w[g].T`` (``transposed``) or ``x[g] @ w[g]``.
 
     ``w`` has batch size ``G`` or 1 (shared); a 4-D ``w`` is a stack of which
     entry ``w_index`` is used (one layer of the ``[L, B, K, S, D]`` KV cache,
-    read in place rather than sliced out first). Attention over the cache uses
-    it: ``q . k`` is the ``transposed`` form and ``p . v`` the plain one.
+    read in place rather than sliced out first). ``lengths`` (``[B]``, ``G``
+    a multiple of ``B``): batch entry ``g`` only uses the first
+    ``lengths[g // (G // B)]`` rows of its ``w`` -- the committed cache slots.
+    The ``transposed`` form (attention scores ``q . k``) returns zeros in the
+    other columns; the plain form (``p . v``) sums over those rows only, which
+    is exact when ``x`` is zero there (softmax weights of masked slots).
     """
     if (w.ndim == 4) != (w_index is not None) or x.ndim != 3 or w.ndim not in (3, 4):
         raise ValueError(f"bmm: x must be [G, M, K] and w [G|1, ., .] (or 4-D with w_index), got "
                          f"{x.shape}, {w.shape}, w_index={w_index}")
+    g = x.shape[0]
+    if lengths is None:
+        lengths = jnp.full((1,), np.iinfo(np.int32).max, jnp.int32)
+    if g % lengths.shape[0]:
+        raise ValueError(f"bmm: batch {g} is not a multiple of len(lengths) = {lengths.shape[0]}")
+    group = g // lengths.shape[0]
+    lengths = lengths.astype(jnp.int32)
+    w_index = 0 if w_index is None else int(w_index)
     if not _use_kernel(x, w, x.shape[1]):
-        return _xla_bmm(x, w, w_index, transposed)
-    return _bmm(x, w, 0 if w_index is None else int(w_index), bool(transposed))
+        return _xla_bmm_live(x, w, lengths, w_index, bool(transposed), group)
+    return _bmm(x, w, lengths, w_index, bool(transposed), group)
 
 
 def linear_xla(x: Float[Array, "... K"], w: Float[Array, "N K"]) -> Float[Array, "... N"]:
@@ -156,5 +184,5 @@ def linear(x: Float[Array, "... K"], w: Float[Array, "N K"]) -> Float[Array, "..
     rows = int(np.prod(x.shape[:-1], dtype=np.int64))
     if not _use_kernel(x, w, rows):
         return linear_xla(x, w)
-    y = _bmm(x.reshape(1, rows, x.shape[-1]), w[None], 0, True)
+    y = _bmm(x.reshape(1, rows, x.shape[-1]), w[None], jnp.full((1,), w.shape[0], jnp.int32), 0, True, 1)
     return y.reshape(*x.shape[:-1], w.shape[0])

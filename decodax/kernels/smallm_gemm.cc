@@ -31,8 +31,9 @@ constexpr int64_t kMR = 4;  // rows per register block
 
 // ---------------------------------------------------------------- NN kernel
 // One panel of 16 output columns for MR rows: acc[r] += x[r, k] * w[k, c0:c0+16].
+// x rows have stride ldx; only k < K is summed (the live part of a KV cache).
 template <int MR>
-inline void PanelNN(const float* x, int64_t K, const float* w, int64_t N, float* y) {
+inline void PanelNN(const float* x, int64_t ldx, int64_t K, const float* w, int64_t N, float* y) {
   __m256 a0[MR], a1[MR];
   for (int r = 0; r < MR; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
@@ -40,7 +41,7 @@ inline void PanelNN(const float* x, int64_t K, const float* w, int64_t N, float*
     _mm_prefetch(reinterpret_cast<const char*>(wk + 8 * N), _MM_HINT_T0);
     __m256 w0 = _mm256_loadu_ps(wk), w1 = _mm256_loadu_ps(wk + 8);
     for (int r = 0; r < MR; ++r) {
-      __m256 xb = _mm256_broadcast_ss(x + r * K + k);
+      __m256 xb = _mm256_broadcast_ss(x + r * ldx + k);
       a0[r] = _mm256_fmadd_ps(xb, w0, a0[r]);
       a1[r] = _mm256_fmadd_ps(xb, w1, a1[r]);
     }
@@ -51,24 +52,25 @@ inline void PanelNN(const float* x, int64_t K, const float* w, int64_t N, float*
   }
 }
 
-// Columns [c0, c1) of y for all M rows (c0, c1 multiples of 16 except a scalar tail).
+// Columns [c0, c1) of y for all M rows (c0, c1 multiples of 16 except a scalar
+// tail), summing over k < live only.
 void ColumnsNN(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
-               int64_t c0, int64_t c1) {
+               int64_t c0, int64_t c1, int64_t live) {
   int64_t c = c0;
   for (; c + 16 <= c1; c += 16) {
     int64_t m = 0;
-    for (; m + kMR <= M; m += kMR) PanelNN<kMR>(x + m * K, K, w + c, N, y + m * N + c);
+    for (; m + kMR <= M; m += kMR) PanelNN<kMR>(x + m * K, K, live, w + c, N, y + m * N + c);
     switch (M - m) {
-      case 3: PanelNN<3>(x + m * K, K, w + c, N, y + m * N + c); break;
-      case 2: PanelNN<2>(x + m * K, K, w + c, N, y + m * N + c); break;
-      case 1: PanelNN<1>(x + m * K, K, w + c, N, y + m * N + c); break;
+      case 3: PanelNN<3>(x + m * K, K, live, w + c, N, y + m * N + c); break;
+      case 2: PanelNN<2>(x + m * K, K, live, w + c, N, y + m * N + c); break;
+      case 1: PanelNN<1>(x + m * K, K, live, w + c, N, y + m * N + c); break;
       default: break;
     }
   }
   for (; c < c1; ++c) {
     for (int64_t m = 0; m < M; ++m) {
       float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * w[k * N + c];
+      for (int64_t k = 0; k < live; ++k) s += x[m * K + k] * w[k * N + c];
       y[m * N + c] = s;
     }
   }
@@ -100,8 +102,12 @@ inline void QuadNT(const float* x, int64_t K, const float* w, int64_t N, float* 
     for (int j = 0; j < 4; ++j) y[r * N + j] = HSum(acc[r][j]);
 }
 
+// Columns [c0, min(c1, live)) of y; columns from live on are set to zero.
 void ColumnsNT(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
-               int64_t c0, int64_t c1) {
+               int64_t c0, int64_t c1, int64_t live) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t z = std::max(c0, live); z < c1; ++z) y[m * N + z] = 0.f;
+  c1 = std::min(c1, live);
   int64_t c = c0;
   if (K % 8 == 0) {
     for (; c + 4 <= c1; c += 4) {
@@ -141,9 +147,11 @@ struct Job {
   }
 };
 
-void RunParallel(ffi::ThreadPool& pool, int64_t batch, int64_t n_cols, int64_t align,
+constexpr int64_t kMinParallelWork = 1 << 17;  // multiply-adds; below, waking a thread costs more
+
+void RunParallel(ffi::ThreadPool& pool, int64_t batch, int64_t n_cols, int64_t align, int64_t work,
                  std::function<void(int64_t, int64_t, int64_t)> run) {
-  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  int64_t threads = work < kMinParallelWork ? 1 : std::max<int64_t>(1, pool.num_threads());
   // ~4 chunks per thread for balance, aligned to the kernel's column block.
   int64_t per = std::max<int64_t>(1, 4 * threads / batch);
   int64_t chunk = (n_cols + per - 1) / per;
@@ -164,9 +172,12 @@ void RunParallel(ffi::ThreadPool& pool, int64_t batch, int64_t n_cols, int64_t a
 // leading batch dimension of size 1 on w is shared by all g (weights).
 template <bool kTransposed>
 ffi::Error SmallmImpl(ffi::ThreadPool pool, ffi::AnyBuffer x_any, ffi::AnyBuffer w_any,
-                      ffi::Result<ffi::AnyBuffer> y_any, int64_t w_index) {
+                      ffi::Buffer<ffi::S32> lengths, ffi::Result<ffi::AnyBuffer> y_any,
+                      int64_t w_index, int64_t group) {
   // w is [G|1, ., .] or [L, G|1, ., .] of which entry w_index is used (one
-  // layer of a stacked KV cache, without slicing it out first).
+  // layer of a stacked KV cache, without slicing it out first). Batch entry g
+  // only uses the first lengths[g / group] rows of its w (the committed cache
+  // slots): NT leaves later output columns zero, NN sums over them only.
   auto xd = x_any.dimensions(), wd_all = w_any.dimensions();
   if (x_any.element_type() != ffi::F32 || w_any.element_type() != ffi::F32)
     return ffi::Error::InvalidArgument("smallm: float32 operands only");
@@ -180,6 +191,9 @@ ffi::Error SmallmImpl(ffi::ThreadPool pool, ffi::AnyBuffer x_any, ffi::AnyBuffer
   int64_t N = kTransposed ? wd[1] : wd[2];
   if ((kTransposed ? wd[2] : wd[1]) != K) return ffi::Error::InvalidArgument("smallm: inner dimensions differ");
   if (wd[0] != G && wd[0] != 1) return ffi::Error::InvalidArgument("smallm: batch dimensions differ");
+  if (group < 1 || lengths.element_count() * group < G)
+    return ffi::Error::InvalidArgument("smallm: lengths do not cover the batch");
+  const int32_t* len = lengths.typed_data();
   const int64_t w_stride = wd[0] == 1 ? 0 : K * N;
   const float* xp = static_cast<const float*>(x_any.untyped_data());
   const float* wp = static_cast<const float*>(w_any.untyped_data()) +
@@ -192,14 +206,15 @@ ffi::Error SmallmImpl(ffi::ThreadPool pool, ffi::AnyBuffer x_any, ffi::AnyBuffer
   }
   // Work items: (batch entry, column chunk) flattened to one column range of G * N.
   const int64_t align = kTransposed ? 4 : 16;
-  RunParallel(pool, G, N, align, [=](int64_t g, int64_t c0, int64_t c1) {
+  RunParallel(pool, G, N, align, G * M * N * K, [=](int64_t g, int64_t c0, int64_t c1) {
     const float* xg = xp + g * M * K;
     const float* wg = wp + g * w_stride;
     float* yg = yp + g * M * N;
+    const int64_t live = std::clamp<int64_t>(len[g / group], 0, kTransposed ? N : K);
     if (kTransposed) {
-      ColumnsNT(xg, wg, yg, M, K, N, c0, c1);
+      ColumnsNT(xg, wg, yg, M, K, N, c0, c1, live);
     } else {
-      ColumnsNN(xg, wg, yg, M, K, N, c0, c1);
+      ColumnsNN(xg, wg, yg, M, K, N, c0, c1, live);
     }
   });
   return ffi::Error::Success();
@@ -213,8 +228,10 @@ ffi::Error SmallmImpl(ffi::ThreadPool pool, ffi::AnyBuffer x_any, ffi::AnyBuffer
                                     .Ctx<ffi::ThreadPool>()               \
                                     .Arg<ffi::AnyBuffer>()                \
                                     .Arg<ffi::AnyBuffer>()                \
+                                    .Arg<ffi::Buffer<ffi::S32>>()         \
                                     .Ret<ffi::AnyBuffer>()                \
-                                    .Attr<int64_t>("w_index"));
+                                    .Attr<int64_t>("w_index")             \
+                                    .Attr<int64_t>("group"));
 
 DECODAX_SMALLM_HANDLER(SmallmNT, true)
 DECODAX_SMALLM_HANDLER(SmallmNN, false)

@@ -85,14 +85,16 @@ class Block(nn.Module):
             # cache_k/v: the whole [L, B, K, S, hd] cache, layer ``layer`` read in place.
             s_len = cache_k.shape[3]
             stacked = lambda c: c.reshape(c.shape[0], b * kvh, s_len, hd)
-            sc = bmm(q.reshape(b * kvh, t * g, hd), stacked(cache_k), transposed=True, w_index=layer)
+            sc = bmm(q.reshape(b * kvh, t * g, hd), stacked(cache_k), transposed=True,
+                     w_index=layer, lengths=cache_len)
             sc = sc.reshape(b, kvh, t * g, s_len)  # [B, K, M, S]
             live = jnp.arange(s_len)[None, :] < cache_len[:, None]
             sc = jnp.where(live[:, None, None, :], sc, NEG_INF)
             m = jnp.maximum(sc.max(-1, keepdims=True), sn.max(-1, keepdims=True))
             pc, pn = jnp.exp(sc - m), jnp.exp(sn - m)
             denom = pc.sum(-1, keepdims=True) + pn.sum(-1, keepdims=True)
-            pv = bmm((pc / denom).reshape(b * kvh, t * g, s_len), stacked(cache_v), transposed=False, w_index=layer)
+            pv = bmm((pc / denom).reshape(b * kvh, t * g, s_len), stacked(cache_v), transposed=False,
+                     w_index=layer, lengths=cache_len)
             o = pv.reshape(b, kvh, t * g, hd) + jnp.einsum("bkmu,bukd->bkmd", pn / denom, v)
         o = o.reshape(b, kvh, t, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, t, h * hd)
         x = x + linear(o, wo)

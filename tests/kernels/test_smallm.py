@@ -57,3 +57,28 @@ def test_fallbacks_and_bad_input():
     assert linear(half, w.astype(jnp.bfloat16)).dtype == jnp.bfloat16
     with pytest.raises(ValueError, match="features"):
         linear(big, w.T)
+
+
+@needs_kernel
+@pytest.mark.parametrize("transposed", [True, False])
+def test_bmm_stacked_cache_with_lengths(transposed):
+    """Attention over one layer of a stacked cache, reading only committed slots."""
+    from decodax.kernels import bmm
+
+    n_layers, b, heads, s, hd, m = 3, 2, 3, 40, 16, 6
+    cache = jax.random.normal(jax.random.key(6), (n_layers, b * heads, s, hd))
+    lengths = jnp.array([17, 40], jnp.int32)
+    live = (jnp.arange(s)[None, :] < jnp.repeat(lengths, heads)[:, None])[:, None, :]  # [G, 1, S]
+    for layer in (0, 2):
+        if transposed:  # scores q . k: zeros past the length
+            x = jax.random.normal(jax.random.key(layer), (b * heads, m, hd))
+            want = jnp.where(live, jnp.einsum("gmd,gsd->gms", x, cache[layer]), 0.0)
+        else:  # p . v: softmax weights are zero past the length
+            x = jnp.where(live, jax.random.uniform(jax.random.key(layer), (b * heads, m, s)), 0.0)
+            want = jnp.einsum("gms,gsd->gmd", x, cache[layer])
+        got = jax.jit(lambda x, c: bmm(x, c, transposed=transposed, w_index=layer, lengths=lengths))(x, cache)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        grad = jax.grad(lambda x: jnp.sum(bmm(x, cache, transposed=transposed, w_index=layer, lengths=lengths) ** 2))
+        assert grad(x).shape == x.shape and bool(jnp.all(jnp.isfinite(grad(x))))
+    with pytest.raises(ValueError, match="multiple"):
+        bmm(x, cache, transposed=transposed, w_index=0, lengths=jnp.ones((4,), jnp.int32))
