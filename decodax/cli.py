@@ -65,10 +65,10 @@ def cmd_bench(args) -> int:
         names.insert(0, "ar")
     decoders = {n: make_decoder(n, model, params, sampler) for n in names}
     report = [f"# decodax bench\n\nmodel: {Path(default_model_path()).name} (float32) · "
-              f"{len(prompts)} prompts · max_new_tokens={args.max_new_tokens} · "
+              f"{len(prompts)} prompts · batch {args.batch} · max_new_tokens={args.max_new_tokens} · "
               f"jax {jax.__version__} on {jax.devices()[0].platform}\n"]
     with Progress(console=console, transient=True) as progress:
-        runs = bench_decoders(decoders, params, prompts, encoded,
+        runs = bench_decoders(decoders, params, prompts, encoded, batch=args.batch,
                               max_new_tokens=args.max_new_tokens, progress=progress)
         if args.compare_hf:
             hf_model = hf_bench.load_hf(default_model_path())
@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--methods", default="ar", help="comma-separated method names")
     b.add_argument("--out", default="experiments/results/bench")
-    b.add_argument("--compare-hf", action="store_true", help="add HF transformers rows")
+    b.add_argument("--batch", type=int, default=1, help="prompts per call (ragged batch); tokens/s = throughput")
+    b.add_argument("--compare-hf", action="store_true", help="add HF transformers rows (batch 1)")
     b.add_argument("--step-costs", action="store_true", help="add the T=1..16 step-cost curve")
     sampling_flags(b, 0.0)
     b.set_defaults(func=cmd_bench)

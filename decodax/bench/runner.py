@@ -43,34 +43,42 @@ def bench_decoders(
     max_new_tokens: int,
     key=None,
     pad_to: int = 64,
+    batch: int = 1,
     progress: Progress | None = None,
 ) -> list[Run]:
-    """Decode every prompt (batch 1) with every method; compilation is excluded from timings.
+    """Decode every prompt with every method, ``batch`` consecutive prompts per call
+    (ragged); compilation is excluded from timings.
 
     Prompts are padded to a multiple of ``pad_to`` and the cache capacity is a
     function of that width only, so each (method, width) compiles once; a
     one-token warm-up call with the same shapes compiles before the timed call.
+    With ``batch > 1`` each row is credited an equal share of its call's time,
+    so tokens/s is the batch throughput.
     """
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
     key = jax.random.key(0) if key is None else key
     runs: list[Run] = []
-    warmed: set[tuple[str, int]] = set()
+    warmed: set[tuple[str, int, int]] = set()
     task = progress.add_task("bench", total=len(decoders) * len(prompts)) if progress else None
+    groups = [range(i, min(i + batch, len(prompts))) for i in range(0, len(prompts), batch)]
     for name, decoder in decoders.items():
-        for prompt, ids in zip(prompts, encoded):
-            width = pad_prompts([ids], pad_to=pad_to)[0].shape[1]
+        for group in groups:
+            ids = [list(encoded[i]) for i in group]
+            width = pad_prompts(ids, pad_to=pad_to)[0].shape[1]
             capacity = round_up(width + max_new_tokens + decoder.max_step_tokens, 128)
             kwargs = dict(max_new_tokens=max_new_tokens, key=key, capacity=capacity, pad_to=pad_to)
-            if (name, width) not in warmed:
-                generate(decoder, params, [ids], budget=1, **kwargs)
-                warmed.add((name, width))
+            if (name, width, len(ids)) not in warmed:
+                generate(decoder, params, ids, budget=1, **kwargs)
+                warmed.add((name, width, len(ids)))
             t0 = time.perf_counter()
-            out = generate(decoder, params, [ids], **kwargs)
+            out = generate(decoder, params, ids, **kwargs)
             seconds = time.perf_counter() - t0
-            n = int(out.lengths[0])
-            runs.append(Run(name, prompt.category, prompt.qid, n, seconds, int(out.calls[0]),
-                            tuple(out.rows()[0])))
+            for row, i in enumerate(group):
+                runs.append(Run(name, prompts[i].category, prompts[i].qid, int(out.lengths[row]),
+                                seconds / len(ids), int(out.calls[row]), tuple(out.rows()[row])))
             if progress:
-                progress.update(task, advance=1, description=f"{name} · {prompt.category}")
+                progress.update(task, advance=len(ids), description=f"{name} · {prompts[group[0]].category}")
     return runs
 
 
