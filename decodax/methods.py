@@ -49,3 +49,51 @@ def _ee(model):
 # early-exit draft (the target's first 8 layers + LM head).
 register("pld", _speculative_factory(_pld, k=4))
 register("ee-draft", _speculative_factory(_ee, k=4))
+
+
+def _draft(model):
+    from decodax.speculative.draft_model import FirstLayers, draft_model_drafter, first_layers_model
+
+    n = min(4, model.config.n_layers)
+    return draft_model_drafter(model, first_layers_model(model, n), draft_params=FirstLayers(n))
+
+
+# Draft-model speculative decoding (Leviathan et al. 2023; Chen et al. 2023): a
+# separate draft = the target's first 4 layers + final norm + LM head, with its
+# own KV cache (unlike "ee-draft", which drafts into a copy of the target's).
+register("draft", _speculative_factory(_draft, k=4))
+
+
+def _tree_factory(make_drafter):
+    def factory(model, params, sampler):
+        from decodax.speculative.tree_decoder import tree_speculative
+
+        return tree_speculative(model, make_drafter(model), sampler=sampler)
+
+    return factory
+
+
+# Tree size for the registered tree methods. The papers use ~40-80 nodes on GPUs,
+# where a forward of 80 tokens costs about one of 1; on a 2-core CPU the verify
+# forward is compute-bound beyond ~8 tokens (cost(16)/cost(1) ~ 3), so the
+# registry uses 8-node trees. Build larger ones with ``tr_template(num_nodes=...)``.
+CPU_TREE_NODES = 8
+
+
+def _tr(model):
+    from decodax.speculative.token_recycling import token_recycling, tr_template
+
+    return token_recycling(model.config.vocab_size, template=tr_template(num_nodes=CPU_TREE_NODES))
+
+
+def _aded(model):
+    from decodax.speculative.aded import aded, aded_template
+
+    return aded(template=aded_template(num_nodes=CPU_TREE_NODES))
+
+
+# Tree speculative decoding with training-free tree drafters: Token Recycling
+# (Luo et al. 2024; adjacency matrix of recycled top-8 candidates) and ADED
+# (Liu et al. 2024; adaptive tri-gram table, PUCT-ranked children).
+register("tr", _tree_factory(_tr))
+register("aded", _tree_factory(_aded))

@@ -5,7 +5,10 @@ See :mod:`decodax.speculative.verify` for the verifiers' shapes and
 root = the last emitted token, ``parents[i] < i``).
 """
 
+from decodax.speculative.aded import aded
 from decodax.speculative.decoder import speculative
+from decodax.speculative.token_recycling import token_recycling, tr_template
+from decodax.speculative.tree_decoder import tree_speculative
 from decodax.speculative.drafters import Drafter, Proposal, early_exit_drafter, prompt_lookup
 from decodax.speculative.trees import (
     TreeTemplate,
@@ -30,8 +33,19 @@ from decodax.speculative.verify import (
     verify_tree_greedy,
     verify_tree_sampling,
 )
+from decodax.speculative.draft_model import (
+    DraftState,
+    FirstLayers,
+    draft_model_drafter,
+    first_layers_model,
+    with_draft_params,
+)
 
 __all__ = [
+    "aded",
+    "token_recycling",
+    "tr_template",
+    "tree_speculative",
     "Drafter",
     "Proposal",
     "early_exit_drafter",
@@ -56,4 +70,9 @@ __all__ = [
     "verify_sampling",
     "verify_tree_greedy",
     "verify_tree_sampling",
+    "DraftState",
+    "FirstLayers",
+    "draft_model_drafter",
+    "first_layers_model",
+    "with_draft_params",
 ]

@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 
 from decodax import sampling
-from decodax.decoding.autoregressive import context_of, emit, next_token, prefill
+from decodax.decoding.autoregressive import context_of, emit, next_token
 from decodax.decoding.state import Decoder, DecodeState
 from decodax.model import cache as kv
 from decodax.speculative.drafters import Drafter
+from decodax.speculative.tree_decoder import drafter_prefill, drafter_update
 from decodax.speculative.verify import verify_greedy, verify_sampling
 
 __all__ = ["speculative"]
@@ -41,6 +42,8 @@ def speculative(model, drafter: Drafter, *, k: int, sampler: sampling.Sampler | 
         raise ValueError(f"speculative: draft length k must be an int >= 1, got {k!r}")
     if not isinstance(drafter, Drafter):
         raise ValueError(f"speculative: drafter must be a Drafter (init, propose, update), got {type(drafter).__name__}")
+    if drafter.template is not None:
+        raise ValueError(f"speculative: {drafter.name} is a tree drafter; use tree_speculative")
     sampler = sampler or sampling.make_sampler(temperature=0.0)
     return _speculative(model, drafter, k, sampler, verifier, bool(skip_empty))
 
@@ -63,9 +66,8 @@ def _speculative(model, drafter: Drafter, k: int, sampler: sampling.Sampler, ver
     verify_fn = verifier or verify_sampling
 
     def init(params, prompt, prompt_len, key, *, max_new_tokens, capacity):
-        state = prefill(model, params, prompt, prompt_len, key, sampler=sampler,
-                        max_new_tokens=max_new_tokens, capacity=capacity, max_step_tokens=k + 1)
-        return dataclasses.replace(state, extra=drafter.init(params, state))
+        return drafter_prefill(model, drafter, params, prompt, prompt_len, key, sampler=sampler,
+                               max_new_tokens=max_new_tokens, capacity=capacity, max_step_tokens=k + 1)
 
     def target_probs_or_logits(logits, state, drafts):
         """Greedy: logits whose argmax is the greedy token; sampling: probabilities."""
@@ -76,7 +78,7 @@ def _speculative(model, drafter: Drafter, k: int, sampler: sampling.Sampler, ver
         fn = sampling.process if greedy else sampling.probs
         return fn(sampler, logits, full, m)
 
-    def finish(state, out, new, count, key, dstate, accepted):
+    def finish(state, out, new, count, key, dstate, accepted, fed):
         active = ~state.done
         state = dataclasses.replace(
             state,
@@ -85,7 +87,10 @@ def _speculative(model, drafter: Drafter, k: int, sampler: sampling.Sampler, ver
             calls=state.calls + active,
         )
         state = emit(state, new, count)
-        return dataclasses.replace(state, extra=drafter.update(dstate, state, accepted))
+        path = jnp.arange(fed.shape[1], dtype=jnp.int32)[None, :]
+        path = jnp.where(path <= accepted[:, None], path, -1)  # a chain's accepted path
+        extra = drafter_update(drafter, dstate, state, accepted, logits=out.logits, tokens=fed, path=path)
+        return dataclasses.replace(state, extra=extra)
 
     def spec_step(params, state, prop, key, k_verify):
         drafts = prop.tokens
@@ -100,14 +105,14 @@ def _speculative(model, drafter: Drafter, k: int, sampler: sampling.Sampler, ver
             accepted, nxt = verify_fn(drafts, prop.probs, target, k_verify)
         new = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
         new = new.at[jnp.arange(b), accepted].set(nxt.astype(jnp.int32))
-        return finish(state, out, new, accepted + 1, key, prop.dstate, accepted)
+        return finish(state, out, new, accepted + 1, key, prop.dstate, accepted, tokens)
 
     def plain_step(params, state, prop, key, k_verify):
         tok, out = next_token(model, params, state, sampler, k_verify)
         b = tok.shape[0]
         new = jnp.zeros((b, k + 1), jnp.int32).at[:, 0].set(tok)
         zero = jnp.zeros((b,), jnp.int32)
-        return finish(state, out, new, zero + 1, key, prop.dstate, zero)
+        return finish(state, out, new, zero + 1, key, prop.dstate, zero, state.last_token[:, None])
 
     def step(params, state: DecodeState) -> DecodeState:
         key, k_draft, k_verify = jax.random.split(state.key, 3)

@@ -12,6 +12,18 @@ A :class:`Drafter` is a triple of pure functions over pytrees:
   verification of a useless draft);
 * ``update(dstate, state, accepted) -> dstate`` -- after verification.
 
+Drafters that learn from the target (Token Recycling, ADED) set
+``wants_logits=True``: the decoders then call ``init(params, state,
+logits=prompt_logits[B, P, V])`` (the target's logits at every prompt
+position) and ``update(dstate, state, accepted, logits=[B, T, V],
+tokens=[B, T], path=[B, P'])`` with the verify forward's logits at its ``T``
+fed tokens (root first) and the accepted node indices (root first, ``-1``
+padded; a chain's path is ``0 .. accepted``). Tree drafters also carry their
+static tree as ``template``, the hashable rank paths of a
+:class:`~decodax.speculative.trees.TreeTemplate` (``trees.tree_from_paths``); their
+``Proposal.tokens`` are the tokens of nodes ``1 .. N - 1`` (node 0 is
+``state.last_token``) and ``probs`` is ``[B, N - 1, V]`` or ``None``.
+
 Factories are memoised (``functools.lru_cache``) so equal arguments return the
 same (hashable) drafter and the decoders built on it share one compilation.
 """
@@ -46,6 +58,8 @@ class Drafter(NamedTuple):
     update: Callable[..., Any]
     name: str = "drafter"
     may_be_empty: bool = True  # False: ``length`` is always k (no T = 1 fallback branch is compiled)
+    template: Any = None  # a tree drafter's static tree as hashable rank paths (TreeTemplate.paths); None: chain
+    wants_logits: bool = False  # True: init / update receive the target's logits (keywords above)
 
 
 def _no_state(params, state):
