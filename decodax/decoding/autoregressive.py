@@ -45,8 +45,11 @@ def emit(state: DecodeState, new: jax.Array, count: jax.Array) -> DecodeState:
 
 
 def prefill(model, params, prompt, prompt_len, key, *, sampler, max_new_tokens, capacity,
-            max_step_tokens=1, extra=None) -> DecodeState:
-    """Run the prompt through the model, commit it, and sample the first token."""
+            max_step_tokens=1, extra=None, with_hidden=False):
+    """Run the prompt through the model, commit it, and sample the first token.
+
+    Returns the ``DecodeState``, or ``(state, hidden[B, P, D])`` with ``with_hidden``
+    (drafters that learn from the prompt's logits use it)."""
     b, p = prompt.shape
     cache = kv.init_cache(model.config, b, capacity)
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
@@ -69,7 +72,8 @@ def prefill(model, params, prompt, prompt_len, key, *, sampler, max_new_tokens, 
     )
     ctx, mask = context_of(state)
     first = sampling.sample_with(sampler, out.logits[:, 0], sub, context=ctx, context_mask=mask)
-    return emit(state, first[:, None].astype(jnp.int32), jnp.ones((b,), jnp.int32))
+    state = emit(state, first[:, None].astype(jnp.int32), jnp.ones((b,), jnp.int32))
+    return (state, out.hidden) if with_hidden else state
 
 
 def next_token(model, params, state: DecodeState, sampler: sampling.Sampler, key):

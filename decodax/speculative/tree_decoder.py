@@ -36,39 +36,13 @@ def drafter_prefill(model, drafter: Drafter, params, prompt: Int[Array, "B P"], 
                     key: PRNGKeyArray, *, sampler: sampling.Sampler, max_new_tokens: int, capacity: int,
                     max_step_tokens: int) -> DecodeState:
     """``prefill`` then ``drafter.init``; a ``wants_logits`` drafter also gets the target's
-    logits at every prompt position (``init(params, state, logits=[B, P, V])``).
-
-    The first token is computed exactly as :func:`prefill` does (LM head on the
-    hidden state at ``prompt_len - 1``), so greedy outputs match ``autoregressive``.
-    """
+    logits at every prompt position (``init(params, state, logits=[B, P, V])``)."""
+    kwargs = dict(sampler=sampler, max_new_tokens=max_new_tokens, capacity=capacity, max_step_tokens=max_step_tokens)
     if not drafter.wants_logits:
-        state = prefill(model, params, prompt, prompt_len, key, sampler=sampler, max_new_tokens=max_new_tokens,
-                        capacity=capacity, max_step_tokens=max_step_tokens)
+        state = prefill(model, params, prompt, prompt_len, key, **kwargs)
         return dataclasses.replace(state, extra=drafter.init(params, state))
-    b, p = prompt.shape
-    cache = kv.init_cache(model.config, b, capacity)
-    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    out = model.apply(params, prompt, positions, cache, compute_logits=False, empty_cache=True)
-    h_last = jnp.take_along_axis(out.hidden, (prompt_len - 1)[:, None, None].astype(jnp.int32), axis=1)
-    first_logits = model.logits(params, h_last)[:, 0]
-    prompt_logits = model.logits(params, out.hidden)  # [B, P, V]
-    key, sub = jax.random.split(key)
-    state = DecodeState(
-        tokens=jnp.zeros((b, max_new_tokens + max_step_tokens), jnp.int32),
-        num_generated=jnp.zeros((b,), jnp.int32),
-        done=jnp.zeros((b,), bool),
-        cache=kv.commit(out.cache, prompt_len),
-        key=key,
-        last_token=jnp.zeros((b,), jnp.int32),
-        prompt=prompt,
-        prompt_len=prompt_len,
-        calls=jnp.ones((b,), jnp.int32),
-        steps=jnp.zeros((), jnp.int32),
-    )
-    ctx, mask = context_of(state)
-    first = sampling.sample_with(sampler, first_logits, sub, context=ctx, context_mask=mask)
-    state = emit(state, first[:, None].astype(jnp.int32), jnp.ones((b,), jnp.int32))
-    return dataclasses.replace(state, extra=drafter.init(params, state, logits=prompt_logits))
+    state, hidden = prefill(model, params, prompt, prompt_len, key, with_hidden=True, **kwargs)
+    return dataclasses.replace(state, extra=drafter.init(params, state, logits=model.logits(params, hidden)))
 
 
 def drafter_update(drafter: Drafter, dstate: Any, state: DecodeState, accepted: Int[Array, " B"], *,
