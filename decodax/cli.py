@@ -29,7 +29,7 @@ def cmd_generate(args) -> int:
     from decodax.model.default import load_default
 
     sampler = _sampler(args)
-    model, params, tok = load_default()
+    model, params, tok = load_default(packed=args.weights == "packed")
     ids = encode_prompt(tok, args.prompt, chat=not args.no_chat)
     decoder = make_decoder(args.method, model, params, sampler)
     t0 = time.perf_counter()
@@ -51,12 +51,13 @@ def cmd_bench(args) -> int:
     from decodax.bench.runner import (bench_callable, bench_decoders, encode_prompt, plot_speedup,
                                       summarize, to_markdown)
     from decodax.bench.step_cost import step_cost_markdown, step_costs
+    from decodax.kernels import unpack
     from decodax.methods import make_decoder
     from decodax.model.default import default_model_path, load_default
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, params, tok = load_default()
+    model, params, tok = load_default(packed=args.weights == "packed")
     prompts = load_questions(args.questions, args.limit)
     encoded = [encode_prompt(tok, p.text, chat=not args.no_chat) for p in prompts]
     sampler = _sampler(args)
@@ -64,12 +65,18 @@ def cmd_bench(args) -> int:
     if "ar" not in names:
         names.insert(0, "ar")
     decoders = {n: make_decoder(n, model, params, sampler) for n in names}
-    report = [f"# decodax bench\n\nmodel: {Path(default_model_path()).name} (float32) · "
+    weights = {args.weights: params}
+    if args.float32_baseline and args.weights == "packed":
+        weights["float32"] = unpack(params)
+        decoders["ar-f32"] = decoders["ar"]
+    report = [f"# decodax bench\n\nmodel: {Path(default_model_path()).name} ({args.weights} weights, "
+              f"float32 math{'; ar-f32: the same weights as float32 arrays' if 'ar-f32' in decoders else ''}) · "
               f"{len(prompts)} prompts · batch {args.batch} · max_new_tokens={args.max_new_tokens} · "
               f"jax {jax.__version__} on {jax.devices()[0].platform}\n"]
     with Progress(console=console, transient=True) as progress:
         runs = bench_decoders(decoders, params, prompts, encoded, batch=args.batch,
-                              max_new_tokens=args.max_new_tokens, progress=progress)
+                              max_new_tokens=args.max_new_tokens, progress=progress,
+                              method_params={"ar-f32": weights.get("float32")})
         if args.compare_hf:
             hf_model = hf_bench.load_hf(default_model_path())
             eos = model.config.eos_ids
@@ -81,10 +88,11 @@ def cmd_bench(args) -> int:
     table = to_markdown(summary, "tokens/s, speedup over `ar` (same run), τ = tokens per target forward")
     report.append(table)
     if args.step_costs:
-        costs = step_costs(model, params)
-        report.append("\n### decode-step cost curve (one forward of T new tokens)\n\n")
-        report.append(step_cost_markdown(costs))
-        report.append(f"\ncost(8)/cost(1) = {costs[8] / costs[1]:.2f}\n")
+        for fmt, p in weights.items():
+            costs = step_costs(model, p)
+            report.append(f"\n### decode-step cost curve, {fmt} weights (one forward of T new tokens)\n\n")
+            report.append(step_cost_markdown(costs))
+            report.append(f"\ncost(8)/cost(1) = {costs[8] / costs[1]:.2f}\n")
     text = "\n".join(report)
     (out_dir / "bench.md").write_text(text)
     plot_speedup([s for s in summary if s.category != "all"], str(out_dir / "speedup.png"))
@@ -103,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--top-p", type=float, default=None)
         sp.add_argument("--min-p", type=float, default=None)
         sp.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+        sp.add_argument("--weights", choices=("packed", "float32"), default="packed",
+                        help="packed: GGUF Q4_1/Q8_0 blocks dequantized in the kernel (same results, faster)")
 
     g = sub.add_parser("generate", help="generate a continuation with the default model")
     g.add_argument("prompt")
@@ -122,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=1, help="prompts per call (ragged batch); tokens/s = throughput")
     b.add_argument("--compare-hf", action="store_true", help="add HF transformers rows (batch 1)")
     b.add_argument("--step-costs", action="store_true", help="add the T=1..16 step-cost curve")
+    b.add_argument("--float32-baseline", action="store_true",
+                   help="with packed weights: add an `ar-f32` row (the same weights as float32 arrays)")
     sampling_flags(b, 0.0)
     b.set_defaults(func=cmd_bench)
     return p

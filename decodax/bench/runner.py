@@ -45,9 +45,11 @@ def bench_decoders(
     pad_to: int = 64,
     batch: int = 1,
     progress: Progress | None = None,
+    method_params: dict | None = None,
 ) -> list[Run]:
     """Decode every prompt with every method, ``batch`` consecutive prompts per call
-    (ragged); compilation is excluded from timings.
+    (ragged); compilation is excluded from timings. ``method_params`` gives some
+    methods other params than ``params`` (e.g. the same weights unpacked).
 
     Prompts are padded to a multiple of ``pad_to`` and the cache capacity is a
     function of that width only, so each (method, width) compiles once; a
@@ -63,16 +65,17 @@ def bench_decoders(
     task = progress.add_task("bench", total=len(decoders) * len(prompts)) if progress else None
     groups = [range(i, min(i + batch, len(prompts))) for i in range(0, len(prompts), batch)]
     for name, decoder in decoders.items():
+        params_m = (method_params or {}).get(name, params)
         for group in groups:
             ids = [list(encoded[i]) for i in group]
             width = pad_prompts(ids, pad_to=pad_to)[0].shape[1]
             capacity = round_up(width + max_new_tokens + decoder.max_step_tokens, 128)
             kwargs = dict(max_new_tokens=max_new_tokens, key=key, capacity=capacity, pad_to=pad_to)
             if (name, width, len(ids)) not in warmed:
-                generate(decoder, params, ids, budget=1, **kwargs)
+                generate(decoder, params_m, ids, budget=1, **kwargs)
                 warmed.add((name, width, len(ids)))
             t0 = time.perf_counter()
-            out = generate(decoder, params, ids, **kwargs)
+            out = generate(decoder, params_m, ids, **kwargs)
             seconds = time.perf_counter() - t0
             for row, i in enumerate(group):
                 runs.append(Run(name, prompts[i].category, prompts[i].qid, int(out.lengths[row]),

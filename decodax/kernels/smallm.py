@@ -40,9 +40,11 @@ from jaxtyping import Array, Float, Int
 __all__ = ["MAX_ROWS", "available", "bmm", "linear", "linear_xla"]
 
 MAX_ROWS = 32  # above this XLA's GEMM is the better kernel (prefill)
-_SOURCE = Path(__file__).with_name("smallm_gemm.cc")
-_NT, _NN = "decodax_smallm_nt", "decodax_smallm_nn"
-_TARGETS = {_NT: "SmallmNT", _NN: "SmallmNN"}
+_DIR = Path(__file__).parent
+_SOURCES = [_DIR / "smallm_gemm.cc", _DIR / "packed_gemm.cc"]  # compiled into one library
+_HEADERS = [_DIR / "gemm_common.h"]
+_NT, _NN, PACKED_NT = "decodax_smallm_nt", "decodax_smallm_nn", "decodax_packed_nt"
+_TARGETS = {_NT: "SmallmNT", _NN: "SmallmNN", PACKED_NT: "PackedNT"}
 
 
 def _cpu_has_avx2_fma() -> bool:
@@ -61,8 +63,8 @@ def _cache_dir() -> Path:
 
 
 def _build() -> Path:
-    """Compile ``smallm_gemm.cc`` once per (source, jaxlib version); return the .so path."""
-    source = _SOURCE.read_bytes()
+    """Compile the kernel sources once per (sources, jaxlib version); return the .so path."""
+    source = b"".join(p.read_bytes() for p in _SOURCES + _HEADERS)
     tag = hashlib.sha256(source + jax.__version__.encode()).hexdigest()[:16]
     lib = _cache_dir() / f"libdecodax_smallm_{tag}.so"
     if lib.exists():
@@ -74,10 +76,10 @@ def _build() -> Path:
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
         out = Path(tmp) / lib.name
         cmd = [cxx, "-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w",
-               f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(out)]
+               f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES), "-o", str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{proc.stderr[-2000:]}")
+            raise RuntimeError(f"compiling the decodax kernels failed:\n{proc.stderr[-2000:]}")
         os.replace(out, lib)  # atomic: concurrent builders never see a partial file
     return lib
 

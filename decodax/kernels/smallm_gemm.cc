@@ -13,19 +13,13 @@
 //   SmallmNN: y[g, M, N] = x[g, M, K] @ w[g, K, N]    (attention p.v)
 // w may have batch size 1 (shared weights). The NT form streams contiguous
 // weight rows and is the fast one for large weights; NN reads 16-column panels.
-#include <immintrin.h>
-
-#include <algorithm>
-#include <atomic>
-#include <cstdint>
-#include <functional>
-#include <memory>
-
-#include "xla/ffi/api/ffi.h"
+#include "gemm_common.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using namespace decodax;
 
 constexpr int64_t kMR = 4;  // rows per register block
 
@@ -76,32 +70,6 @@ void ColumnsNN(const float* x, const float* w, float* y, int64_t M, int64_t K, i
   }
 }
 
-// ---------------------------------------------------------------- NT kernel
-inline float HSum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s);
-}
-
-// 4 weight rows (output columns n0..n0+3) for MR rows of x; K % 8 == 0.
-template <int MR>
-inline void QuadNT(const float* x, int64_t K, const float* w, int64_t N, float* y) {
-  __m256 acc[MR][4];
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 8) {
-    __m256 wv[4];
-    for (int j = 0; j < 4; ++j) wv[j] = _mm256_loadu_ps(w + j * K + k);
-    for (int r = 0; r < MR; ++r) {
-      __m256 xv = _mm256_loadu_ps(x + r * K + k);
-      for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_fmadd_ps(xv, wv[j], acc[r][j]);
-    }
-  }
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 4; ++j) y[r * N + j] = HSum(acc[r][j]);
-}
-
 // Columns [c0, min(c1, live)) of y; columns from live on are set to zero.
 void ColumnsNT(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
                int64_t c0, int64_t c1, int64_t live) {
@@ -109,63 +77,9 @@ void ColumnsNT(const float* x, const float* w, float* y, int64_t M, int64_t K, i
     for (int64_t z = std::max(c0, live); z < c1; ++z) y[m * N + z] = 0.f;
   c1 = std::min(c1, live);
   int64_t c = c0;
-  if (K % 8 == 0) {
-    for (; c + 4 <= c1; c += 4) {
-      int64_t m = 0;
-      for (; m + 3 <= M; m += 3) QuadNT<3>(x + m * K, K, w + c * K, N, y + m * N + c);
-      switch (M - m) {
-        case 2: QuadNT<2>(x + m * K, K, w + c * K, N, y + m * N + c); break;
-        case 1: QuadNT<1>(x + m * K, K, w + c * K, N, y + m * N + c); break;
-        default: break;
-      }
-    }
-  }
-  for (; c < c1; ++c) {
-    for (int64_t m = 0; m < M; ++m) {
-      float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * w[c * K + k];
-      y[m * N + c] = s;
-    }
-  }
-}
-
-// ---------------------------------------------------------------- threading
-// Column chunks handed out by an atomic counter; the calling thread works too
-// and finishes every chunk itself if the pool never runs the scheduled tasks,
-// so the call cannot deadlock on a busy pool.
-struct Job {
-  std::function<void(int64_t, int64_t, int64_t)> run;  // (batch entry, columns [c0, c1))
-  int64_t n_cols = 0, chunk = 0, per_batch = 0, n_chunks = 0;
-  std::atomic<int64_t> next{0}, done{0};
-
-  void Work() {
-    for (int64_t i; (i = next.fetch_add(1)) < n_chunks;) {
-      int64_t g = i / per_batch, c = (i % per_batch) * chunk;
-      run(g, c, std::min(n_cols, c + chunk));
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
-constexpr int64_t kMinParallelWork = 1 << 17;  // multiply-adds; below, waking a thread costs more
-
-void RunParallel(ffi::ThreadPool& pool, int64_t batch, int64_t n_cols, int64_t align, int64_t work,
-                 std::function<void(int64_t, int64_t, int64_t)> run) {
-  int64_t threads = work < kMinParallelWork ? 1 : std::max<int64_t>(1, pool.num_threads());
-  // ~4 chunks per thread for balance, aligned to the kernel's column block.
-  int64_t per = std::max<int64_t>(1, 4 * threads / batch);
-  int64_t chunk = (n_cols + per - 1) / per;
-  chunk = std::max<int64_t>(align, (chunk + align - 1) / align * align);
-  auto job = std::make_shared<Job>();
-  job->run = std::move(run);
-  job->n_cols = n_cols;
-  job->chunk = chunk;
-  job->per_batch = (n_cols + chunk - 1) / chunk;
-  job->n_chunks = batch * job->per_batch;
-  int64_t helpers = std::min<int64_t>(threads, job->n_chunks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([job] { job->Work(); });
-  job->Work();
-  while (job->done.load(std::memory_order_acquire) < job->n_chunks) _mm_pause();
+  if (K % 8 == 0)
+    for (; c + 4 <= c1; c += 4) QuadAllRowsNT(x, M, K, w + c * K, y + c, N);
+  for (; c < c1; ++c) ColumnScalarNT(x, M, K, w + c * K, y + c, N);
 }
 
 // y[g] = x[g] @ w[g]^T (kTransposed) or x[g] @ w[g] for every batch entry g; a

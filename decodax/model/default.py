@@ -79,11 +79,16 @@ def default_model_path() -> str:
     )
 
 
-def load_default(dtype: Any = jnp.float32) -> tuple[Model, dict, Tokenizer]:
+def load_default(dtype: Any = jnp.float32, *, packed: bool = True) -> tuple[Model, dict, Tokenizer]:
     """Load SmolLM2-135M-Instruct: ``(Model(config), params, tokenizer)``.
 
-    Weights are dequantized from the Q4_1/Q8_0 GGUF to ``dtype`` (float32 by
-    default); see :func:`decodax.model.gguf.load_gguf`.
+    By default (``packed=True``) the Q4_1/Q8_0 matrices stay in their GGUF
+    blocks (:class:`decodax.kernels.PackedWeight`), dequantized inside the
+    matmul kernel: bitwise the same logits as float32 weights, ~2.5x faster
+    decoding on CPU. ``packed=False`` gives float arrays of ``dtype`` (for
+    training or editing weights; :func:`decodax.kernels.unpack` converts
+    packed params later); see :func:`decodax.model.gguf.load_gguf`.
     """
-    config, params, tokenizer = load_gguf(default_model_path(), dtype=dtype)
+    config, params, tokenizer = load_gguf(default_model_path(), dtype=dtype,
+                                          packed=packed and jnp.dtype(dtype) == jnp.float32)
     return Model(config), params, tokenizer

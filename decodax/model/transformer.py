@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from decodax.kernels import bmm, linear
+from decodax.kernels import PackedWeight, bmm, linear, take_rows
 from decodax.model import cache as kv
 from decodax.model.config import ModelConfig
 
@@ -49,23 +49,34 @@ class Block(nn.Module):
     ``attn_mask``) under one softmax, so new keys/values never need to be
     written before they are used. Q/K/V and gate/up projections are fused
     (``wqkv``, ``w_gate_up``): fewer, larger matrix-vector products. Weights are
-    stored ``[out, in]`` (the GGUF / ``torch.nn.Linear`` layout) and applied with
-    :func:`decodax.kernels.linear`, which streams each weight row once.
+    stored ``[out, in]`` (the GGUF / ``torch.nn.Linear`` layout), as float
+    arrays or as GGUF blocks (:class:`decodax.kernels.PackedWeight`), and applied
+    with :func:`decodax.kernels.linear`, which streams each weight row once.
     """
 
     config: ModelConfig
+
+    def weight(self, name: str, shape: tuple[int, int]) -> Array | PackedWeight:
+        """A linear weight: a float param, or a :class:`PackedWeight` given in the params
+        (Flax's own shape check only knows plain arrays, so the shape is checked here)."""
+        if self.has_variable("params", name):
+            w = self.get_variable("params", name)
+            if isinstance(w, PackedWeight):
+                if w.shape != shape:
+                    raise ValueError(f"param {name!r}: expected shape {shape}, got packed {w.shape}")
+                return w
+        return self.param(name, nn.initializers.normal(0.02), shape)
 
     @nn.compact
     def __call__(self, x, positions, cache_k, cache_v, cache_len, attn_mask, layer=0):
         c = self.config
         d, hd, h, kvh = c.dim, c.head_dim, c.n_heads, c.n_kv_heads
-        init = nn.initializers.normal(0.02)
         attn_norm = self.param("attn_norm", nn.initializers.ones, (d,))
-        wqkv = self.param("wqkv", init, ((h + 2 * kvh) * hd, d))
-        wo = self.param("wo", init, (d, h * hd))
+        wqkv = self.weight("wqkv", ((h + 2 * kvh) * hd, d))
+        wo = self.weight("wo", (d, h * hd))
         mlp_norm = self.param("mlp_norm", nn.initializers.ones, (d,))
-        w_gate_up = self.param("w_gate_up", init, (2 * c.hidden_dim, d))
-        w_down = self.param("w_down", init, (d, c.hidden_dim))
+        w_gate_up = self.weight("w_gate_up", (2 * c.hidden_dim, d))
+        w_down = self.weight("w_down", (d, c.hidden_dim))
 
         b, t, _ = x.shape
         g = c.q_per_kv
@@ -201,7 +212,7 @@ class Model:
         if attn_mask is None:
             attn_mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
         block = Block(c)
-        x = jnp.take(params["embed"], tokens, axis=0)
+        x = take_rows(params["embed"], tokens)
         ks, vs = [], []
         # A Python loop over per-layer weight dicts: XLA's CPU dot is ~2.5x slower on
         # slices of stacked weights (scan) than on separate arrays.
@@ -221,4 +232,6 @@ class Model:
 
 
 def param_count(params: Any) -> int:
-    return sum(int(p.size) for p in jax.tree.leaves(params))
+    """Number of weights (a packed ``[N, K]`` matrix counts ``N * K``)."""
+    leaves = jax.tree.leaves(params, is_leaf=lambda p: isinstance(p, PackedWeight))
+    return sum(int(p.shape[0] * p.shape[1]) if isinstance(p, PackedWeight) else int(p.size) for p in leaves)

@@ -13,6 +13,8 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 from decodax.model import default as default_mod
+from decodax.kernels import PackedWeight, unpack
+from decodax.model.cache import commit as kv_commit
 from decodax.model.cache import init_cache
 from decodax.model.transformer import fuse_layer
 from decodax.model.gguf import (
@@ -223,6 +225,36 @@ def test_tiny_types_and_untied_head(tmp_path):
         np.testing.assert_array_equal(np.asarray(v), np.stack([e[k] for e in expected["layers"]]), err_msg=k)
 
 
+def test_packed_loading_is_exact(tmp_path):
+    """packed=True keeps Q4_1/Q8_0 matrices in blocks: unpacked they are the float params bit for
+    bit, and a decode step gives bitwise the same logits. Fused projections mixing types are
+    dequantized; packed needs float32 and per-layer dicts."""
+    path = tmp_path / "packed.gguf"
+    types = {f"blk.{i}.{t}.weight": Q.Q4_1 for i in range(TINY["L"]) for t in
+             ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up")}
+    types["blk.0.ffn_down.weight"] = Q.Q8_0
+    types["blk.1.attn_v.weight"] = Q.Q5_1  # blk.1 wqkv mixes types: dequantized
+    write_tiny_gguf(path, tie=False, seed=7, types=types)
+    config, flat, _ = load_gguf(path)
+    _, params, _ = load_gguf(path, packed=True)
+    kinds = {k: getattr(v, "kind", None) for k, v in params["layers"][0].items()}
+    assert kinds == {"attn_norm": None, "wqkv": "q4_1", "wo": "q4_1", "mlp_norm": None,
+                     "w_gate_up": "q4_1", "w_down": "q8_0"}
+    assert params["embed"].kind == "q8_0" and params["lm_head"].kind == "q4_1"
+    assert not isinstance(params["layers"][1]["wqkv"], PackedWeight)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, unpack(params)),
+                 jax.tree.map(np.asarray, flat))
+    model = Model(config)
+    step = jax.jit(lambda p, t, c: model.apply(p, t, jnp.full((2, 1), 3), c).logits)
+    cache = kv_commit(init_cache(config, 2, 8), jnp.array([3, 3]))
+    tokens = jnp.array([[5], [7]])
+    np.testing.assert_array_equal(np.asarray(step(params, tokens, cache)), np.asarray(step(flat, tokens, cache)))
+    with pytest.raises(ValueError, match="packed=True needs"):
+        load_gguf(path, dtype=jnp.bfloat16, packed=True)
+    with pytest.raises(ValueError, match="packed=True needs"):
+        load_gguf(path, stack_layers=True, packed=True)
+
+
 def test_read_gguf_matches_gguf_reader(tiny_path):
     path, _ = tiny_path
     mine = read_gguf(path)
@@ -403,3 +435,20 @@ def test_logits_match_transformers(default_model, hf_model):
     assert max(errs) <= 1e-3, f"max |decodax - transformers| logits per prompt: {errs}"
     print(f"max abs logits difference vs transformers per prompt: {errs}")
 
+
+
+def test_default_model_packed_equals_float32(default_model):
+    """The default params keep the GGUF blocks; the float32 params give bitwise-equal logits
+    for short blocks (kernel path) and equal up to float error for a long prefill (XLA path)."""
+    model, config, params, tok = default_model
+    assert isinstance(params["layers"][0]["wqkv"], PackedWeight) and params["embed"].kind == "q8_0"
+    _, flat, _ = default_mod.load_default(packed=False)
+    fwd = jax.jit(lambda p, x, c: model.apply(p, x, jnp.arange(x.shape[1])[None], c).logits)
+    for n in (5, 40):
+        ids = jnp.asarray([tok.encode("The quick brown fox jumps over the lazy dog. " * 5)[:n]])
+        cache = init_cache(config, 1, 64)
+        a, b = np.asarray(fwd(params, ids, cache)), np.asarray(fwd(flat, ids, cache))
+        if n <= 32:
+            np.testing.assert_array_equal(a, b)
+        else:
+            np.testing.assert_allclose(a, b, atol=1e-4)
