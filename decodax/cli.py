@@ -25,11 +25,12 @@ def _sampler(args):
 def cmd_generate(args) -> int:
     from decodax.bench.runner import encode_prompt
     from decodax.decoding import generate
-    from decodax.methods import make_decoder
+    from decodax.methods import make_decoder, method_params
     from decodax.model.default import load_default
 
     sampler = _sampler(args)
     model, params, tok = load_default(packed=args.weights == "packed")
+    params = method_params(args.method, params)
     ids = encode_prompt(tok, args.prompt, chat=not args.no_chat)
     decoder = make_decoder(args.method, model, params, sampler)
     t0 = time.perf_counter()
@@ -52,7 +53,7 @@ def cmd_bench(args) -> int:
                                       summarize, to_markdown)
     from decodax.bench.step_cost import step_cost_markdown, step_costs
     from decodax.kernels import unpack
-    from decodax.methods import make_decoder
+    from decodax.methods import make_decoder, method_params
     from decodax.model.default import default_model_path, load_default
 
     out_dir = Path(args.out)
@@ -76,7 +77,8 @@ def cmd_bench(args) -> int:
     with Progress(console=console, transient=True) as progress:
         runs = bench_decoders(decoders, params, prompts, encoded, batch=args.batch,
                               max_new_tokens=args.max_new_tokens, progress=progress,
-                              method_params={"ar-f32": weights.get("float32")})
+                              method_params={**{n: method_params(n, params) for n in names},
+                                             "ar-f32": weights.get("float32")})
         if args.compare_hf:
             hf_model = hf_bench.load_hf(default_model_path())
             eos = model.config.eos_ids

@@ -97,3 +97,52 @@ def _aded(model):
 # (Liu et al. 2024; adaptive tri-gram table, PUCT-ranked children).
 register("tr", _tree_factory(_tr))
 register("aded", _tree_factory(_aded))
+
+
+# Trained draft heads: Medusa (Cai et al. 2024) and Hydra (Ankner et al. 2024), loaded from
+# ``$DECODAX_HEADS_DIR/<name>`` (default ``experiments/checkpoints/<name>``, written by
+# ``experiments/train_draft_heads.py``). Their params join the target's under "draft_heads".
+HEADS_DIR_ENV = "DECODAX_HEADS_DIR"
+
+# name -> hook(params) -> params: what a method needs added to the target params
+PARAMS_HOOKS: dict[str, Callable] = {}
+
+
+def method_params(name: str, params):
+    """The params to decode ``name`` with: the target's, plus whatever the method loads."""
+    return PARAMS_HOOKS[name](params) if name in PARAMS_HOOKS else params
+
+
+def heads_dir(name: str) -> str:
+    import os
+
+    return os.path.join(os.environ.get(HEADS_DIR_ENV, os.path.join("experiments", "checkpoints")), name)
+
+
+def _load_heads(name: str):
+    from decodax.heads import load_heads
+
+    return load_heads(heads_dir(name))
+
+
+def _heads_method(name: str):
+    def factory(model, params, sampler):
+        from decodax.heads import draft_heads_drafter
+        from decodax.speculative.token_recycling import tr_template
+        from decodax.speculative.tree_decoder import tree_speculative
+
+        heads, _ = _load_heads(name)
+        template = tr_template(num_nodes=CPU_TREE_NODES, width=3, max_depth=heads.num_heads)
+        return tree_speculative(model, draft_heads_drafter(model, heads, template), sampler=sampler)
+
+    def hook(params):
+        from decodax.heads import with_head_params
+
+        return with_head_params(params, _load_heads(name)[1])
+
+    register(name, factory)
+    PARAMS_HOOKS[name] = hook
+
+
+_heads_method("medusa")
+_heads_method("hydra")

@@ -35,11 +35,10 @@ import decodax
 from decodax.bench.prompts import load_questions
 from decodax.bench.runner import encode_prompt
 from decodax.decoding import autoregressive, generate
-from decodax.methods import METHODS, make_decoder
+from decodax.methods import METHODS, make_decoder, method_params
 from decodax.model import cache as kv
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "speculative" / "greedy_identity.md"
-BATCHES = (1, 4)
 PAD_TO = 64
 
 
@@ -121,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=int, default=20, help="number of Spec-Bench prompts (default 20)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--batches", default="1,4", help="comma-separated batch sizes (default 1,4)")
     ap.add_argument("--methods", default=None,
                     help="comma-separated method names (default: every registered method except ar)")
     ap.add_argument("--questions", default=None, help="Spec-Bench JSONL (default ../shared/data/spec_bench)")
@@ -146,14 +146,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     encoded = [encode_prompt(tok, p.text) for p in prompts]
     n = args.max_new_tokens
     ar = autoregressive(model)
-    reference = {b: decode(ar, params, encoded, b, n)[0] for b in BATCHES}
+    batches = tuple(int(b) for b in args.batches.split(","))
+    reference = {b: decode(ar, params, encoded, b, n)[0] for b in batches}
 
     rows: list[Row] = []
     gaps: dict[tuple[int, int], float] = {}  # (prompt, position) -> gap, shared across methods
     for name in methods:
         dec = make_decoder(name, model, params)
-        for b in BATCHES:
-            got, taus = decode(dec, params, encoded, b, n)
+        for b in batches:
+            got, taus = decode(dec, method_params(name, params), encoded, b, n)
             divs = []
             for i, (mine, ref) in enumerate(zip(got, reference[b])):
                 pos = first_difference(mine, ref)

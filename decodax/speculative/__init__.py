@@ -7,6 +7,7 @@ root = the last emitted token, ``parents[i] < i``).
 
 from decodax.speculative.aded import aded
 from decodax.speculative.decoder import speculative
+from decodax.speculative.stochastic_beam import BeamTree, stochastic_beam_tree
 from decodax.speculative.token_recycling import token_recycling, tr_template
 from decodax.speculative.tree_decoder import tree_speculative
 from decodax.speculative.drafters import Drafter, Proposal, early_exit_drafter, prompt_lookup
@@ -43,6 +44,8 @@ from decodax.speculative.draft_model import (
 
 __all__ = [
     "aded",
+    "BeamTree",
+    "stochastic_beam_tree",
     "token_recycling",
     "tr_template",
     "tree_speculative",

@@ -89,7 +89,8 @@ def _speculative(model, drafter: Drafter, k: int, sampler: sampling.Sampler, ver
         state = emit(state, new, count)
         path = jnp.arange(fed.shape[1], dtype=jnp.int32)[None, :]
         path = jnp.where(path <= accepted[:, None], path, -1)  # a chain's accepted path
-        extra = drafter_update(drafter, dstate, state, accepted, logits=out.logits, tokens=fed, path=path)
+        extra = drafter_update(drafter, dstate, state, accepted, logits=out.logits, tokens=fed, path=path,
+                               hidden=out.hidden)
         return dataclasses.replace(state, extra=extra)
 
     def spec_step(params, state, prop, key, k_verify):

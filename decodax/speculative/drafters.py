@@ -18,7 +18,10 @@ logits=prompt_logits[B, P, V])`` (the target's logits at every prompt
 position) and ``update(dstate, state, accepted, logits=[B, T, V],
 tokens=[B, T], path=[B, P'])`` with the verify forward's logits at its ``T``
 fed tokens (root first) and the accepted node indices (root first, ``-1``
-padded; a chain's path is ``0 .. accepted``). Tree drafters also carry their
+padded; a chain's path is ``0 .. accepted``). Drafters on the target's
+features (Medusa/Hydra heads) set ``wants_hidden=True`` and get
+``hidden=[B, P, D]`` / ``hidden=[B, T, D]`` (pre-norm last-layer states) the
+same way, with ``path``. Tree drafters also carry their
 static tree as ``template``, the hashable rank paths of a
 :class:`~decodax.speculative.trees.TreeTemplate` (``trees.tree_from_paths``); their
 ``Proposal.tokens`` are the tokens of nodes ``1 .. N - 1`` (node 0 is
@@ -60,6 +63,7 @@ class Drafter(NamedTuple):
     may_be_empty: bool = True  # False: ``length`` is always k (no T = 1 fallback branch is compiled)
     template: Any = None  # a tree drafter's static tree as hashable rank paths (TreeTemplate.paths); None: chain
     wants_logits: bool = False  # True: init / update receive the target's logits (keywords above)
+    wants_hidden: bool = False  # True: init / update receive the target's last hidden states (hidden=)
 
 
 def _no_state(params, state):

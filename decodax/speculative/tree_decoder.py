@@ -36,21 +36,32 @@ def drafter_prefill(model, drafter: Drafter, params, prompt: Int[Array, "B P"], 
                     key: PRNGKeyArray, *, sampler: sampling.Sampler, max_new_tokens: int, capacity: int,
                     max_step_tokens: int) -> DecodeState:
     """``prefill`` then ``drafter.init``; a ``wants_logits`` drafter also gets the target's
-    logits at every prompt position (``init(params, state, logits=[B, P, V])``)."""
+    logits at every prompt position (``logits=[B, P, V]``), a ``wants_hidden`` one the
+    last-layer hidden states (``hidden=[B, P, D]``)."""
     kwargs = dict(sampler=sampler, max_new_tokens=max_new_tokens, capacity=capacity, max_step_tokens=max_step_tokens)
-    if not drafter.wants_logits:
+    if not (drafter.wants_logits or drafter.wants_hidden):
         state = prefill(model, params, prompt, prompt_len, key, **kwargs)
         return dataclasses.replace(state, extra=drafter.init(params, state))
     state, hidden = prefill(model, params, prompt, prompt_len, key, with_hidden=True, **kwargs)
-    return dataclasses.replace(state, extra=drafter.init(params, state, logits=model.logits(params, hidden)))
+    extra = {}
+    if drafter.wants_logits:
+        extra["logits"] = model.logits(params, hidden)
+    if drafter.wants_hidden:
+        extra["hidden"] = hidden
+    return dataclasses.replace(state, extra=drafter.init(params, state, **extra))
 
 
 def drafter_update(drafter: Drafter, dstate: Any, state: DecodeState, accepted: Int[Array, " B"], *,
-                   logits: Float[Array, "B T V"], tokens: Int[Array, "B T"], path: Int[Array, "B P"]) -> Any:
-    """``drafter.update``, with the verify logits / fed tokens / accepted path when it wants them."""
+                   logits: Float[Array, "B T V"], tokens: Int[Array, "B T"], path: Int[Array, "B P"],
+                   hidden: Float[Array, "B T D"] | None = None) -> Any:
+    """``drafter.update``, with the verify logits / fed tokens / accepted path / hidden states
+    when it wants them."""
+    extra = {}
     if drafter.wants_logits:
-        return drafter.update(dstate, state, accepted, logits=logits, tokens=tokens, path=path)
-    return drafter.update(dstate, state, accepted)
+        extra.update(logits=logits, tokens=tokens, path=path)
+    if drafter.wants_hidden:
+        extra.update(hidden=hidden, path=path)
+    return drafter.update(dstate, state, accepted, **extra)
 
 
 def _is_chain(parents: np.ndarray) -> bool:
@@ -190,7 +201,8 @@ def _tree_speculative(model, drafter: Drafter, static: _Static, sampler: samplin
             calls=state.calls + active,
         )
         state = emit(state, new, count)
-        extra = drafter_update(drafter, prop.dstate, state, accepted, logits=out.logits, tokens=tokens, path=path)
+        extra = drafter_update(drafter, prop.dstate, state, accepted, logits=out.logits, tokens=tokens, path=path,
+                               hidden=out.hidden)
         return dataclasses.replace(state, extra=extra)
 
     return Decoder(init=init, step=step, model=model, max_step_tokens=n,

@@ -43,6 +43,9 @@ def fit(
         raise ValueError(f"fit: num_steps must be >= 0, got {num_steps}")
     if checkpoints is not None:
         state = checkpoints.restore(state) or state
+    # Steps donate their input state; copy once so the caller's arrays (e.g. a frozen base
+    # shared with other code) are never invalidated.
+    state = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
     if mesh is not None:
         state = shard_params(state, mesh)
         shardings = jax.tree.map(lambda x: x.sharding, state)
