@@ -12,7 +12,8 @@
 4. Per-head top-1 accuracy on held-out passages' generations, written to
    ``experiments/results/draft_heads/``; the heads are saved with
    ``decodax.heads.save_heads`` to ``<out>/<name>`` where ``decodax bench
-   --methods medusa,hydra`` loads them.
+   --methods medusa,hydra`` loads them. The generations are cached in
+   ``<out>/heads_data_*.npz`` (greedy, so a rerun would produce the same).
 
     .venv/bin/python experiments/train_draft_heads.py --steps 150
 """
@@ -119,10 +120,16 @@ def main() -> int:
     model, params, tok = decodax.load_default()
     texts = passages(DATA, args.train_passages + args.eval_passages)
     window = args.new_tokens + 8
-    data = make_dataset(model, params, tok, texts, args.new_tokens, window, batch=8)
+    cache = Path(args.out) / f"heads_data_{len(texts)}x{args.new_tokens}.npz"
+    if cache.exists():  # generations are deterministic (greedy): reuse them
+        data = dict(np.load(cache))
+    else:
+        data = make_dataset(model, params, tok, texts, args.new_tokens, window, batch=8)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, **data)
     train = {k: v[: args.train_passages] for k, v in data.items()}
     held = {k: v[args.train_passages :] for k, v in data.items()}
-    print(f"data: {len(texts)} generations in {time.time() - t0:.0f} s")
+    print(f"data: {len(texts)} generations ready in {time.time() - t0:.0f} s")
     flat = unpack({k: params[k] for k in ("embed", "final_norm", "lm_head") if k in params})
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
