@@ -10,13 +10,12 @@
 
 from __future__ import annotations
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import stats
+
+from speculative.test_tree_decoder import SAMPLER, chi2_p, counts_of, exact_law, tiny8  # noqa: F401 (fixture)
 
 from decodax import sampling
 from decodax.decoding import autoregressive, generate
@@ -90,57 +89,6 @@ def test_factories_are_memoised(tiny):
 
 # --------------------------------------------------------------------------- sampling law
 
-V = 8
-PROMPT = [1, 5, 3, 1, 5]  # copyable: prompt lookup proposes drafts from the first step on
-SAMPLER = sampling.make_sampler(temperature=0.9, top_k=6)
-ROWS, RUNS = 20000, 5  # 1e5 samples (the negative control: 2e4)
-
-
-@pytest.fixture(scope="module")
-def tiny8():
-    model = Model(tiny_config(vocab_size=V, n_layers=2, n_kv_heads=1, eos_ids=(), tie_embeddings=False))
-    params = model.init(jax.random.key(11))
-    params["lm_head"] = params["lm_head"] * 15.0  # peaked, context-dependent laws
-    return model, params
-
-
-def _exact_law(model, params):
-    """Law of the first three tokens, by full (cache-free) forwards of every prefix."""
-    pairs = np.array(list(itertools.product(range(V), repeat=2)), np.int32)
-    seqs = np.concatenate([np.tile(PROMPT, (len(pairs), 1)), pairs], axis=1)
-    n, t = seqs.shape
-    out = model.apply(params, jnp.asarray(seqs), jnp.broadcast_to(jnp.arange(t), (n, t)),
-                      kv.init_cache(model.config, n, t), empty_cache=True)
-    p = np.asarray(sampling.probs(SAMPLER, out.logits), np.float64)  # [64, T, V]
-    p = p / p.sum(-1, keepdims=True)
-    law = np.zeros((V, V, V))
-    for i, (a, b) in enumerate(pairs):
-        law[a, b, :] = p[i, t - 3, a] * p[i, t - 2, b] * p[i, t - 1, :]
-    return law
-
-
-def _counts(dec, params, runs=RUNS):
-    counts = np.zeros((V, V, V), np.int64)
-    for r in range(runs):  # a narrow prompt bucket and a 16-slot cache keep 2e4 rows cheap
-        out = generate(dec, params, [PROMPT] * ROWS, max_new_tokens=3, key=jax.random.key(r),
-                       capacity=16, pad_to=8)
-        assert np.all(out.lengths == 3) and out.tokens.max() < V
-        np.add.at(counts, tuple(out.tokens[:, :3].T), 1)
-    return counts
-
-
-def _chi2_p(counts, law):
-    n = counts.sum()
-    assert counts[law == 0].sum() == 0, "a token of probability 0 was emitted"
-    exp = (law * n).ravel()
-    obs = counts.ravel().astype(np.float64)
-    big = exp >= 5
-    e = np.append(exp[big], exp[~big].sum())
-    o = np.append(obs[big], obs[~big].sum())
-    keep = e > 0
-    return stats.chisquare(o[keep], e[keep] * o[keep].sum() / e[keep].sum()).pvalue
-
-
 def _accept_all(draft_tokens, draft_probs, target_probs, key):
     """Negative control: a 'verifier' that accepts every draft."""
     b, k = draft_tokens.shape
@@ -151,26 +99,19 @@ def _accept_all(draft_tokens, draft_probs, target_probs, key):
 @pytest.mark.parametrize("which", ["early_exit", "prompt_lookup"])
 def test_sampling_law_of_first_tokens_is_the_target_law(tiny8, which):
     model, params = tiny8
-    law = _exact_law(model, params)
+    law = exact_law(model, params)
     assert (law.max() > 0.05) and (np.count_nonzero(law) > 50)  # non-trivial target
     drafter = early_exit_drafter(model, 1) if which == "early_exit" else prompt_lookup(ngram=2)
     k = 2 if which == "early_exit" else 3
     dec = speculative(model, drafter, k=k, sampler=SAMPLER)
-    p = _chi2_p(_counts(dec, params), law)
+    p = chi2_p(counts_of(dec, params), law)
     print(f"{which}: chi-square p = {p:.3g}")
     assert p > 1e-3, p
     if which == "early_exit":  # negative control (for copied drafts it fails even more plainly)
         bad = speculative(model, drafter, k=k, sampler=SAMPLER, verifier=_accept_all)
-        p_bad = _chi2_p_lenient(_counts(bad, params, runs=1), law)
+        p_bad = chi2_p(counts_of(bad, params, runs=1), law)
         print(f"accept-all control: chi-square p = {p_bad:.3g}")
         assert p_bad < 1e-3, p_bad
-
-
-def _chi2_p_lenient(counts, law):
-    """Like ``_chi2_p`` but a zero-probability emission counts as a rejection (p = 0)."""
-    if counts[law == 0].sum():
-        return 0.0
-    return _chi2_p(counts, law)
 
 
 # --------------------------------------------------------------------------- default model
