@@ -65,8 +65,11 @@ def stochastic_beam_tree(
 
     ``draft_logits`` gives the draft distribution after the path to each of
     ``width`` nodes of the tree built so far (it may run a draft model with the
-    tree's ancestor mask, or look up a table). The draft must put positive
-    mass on at least ``width`` tokens at every node. Verify the result with
+    tree's ancestor mask, or look up a table). A level with fewer than
+    ``width`` tokens of positive draft mass gets filler nodes (score -inf,
+    arbitrary tokens, after every real sibling) whose draft probabilities are
+    zeroed, so the verifiers treat them as deterministic candidates: wasted
+    slots, not a wrong law. Verify the result with
     ``verify_recursive(tree.tokens, tree.parents, tree.draft_probs, target, key)``.
     """
     if width < 1 or depth < 1:
@@ -96,7 +99,9 @@ def stochastic_beam_tree(
         par = jnp.take_along_axis(beam_nodes, beam, axis=1)
         tokens = tokens.at[:, idx].set(tok)
         parents = parents.at[:, idx].set(par)
-        draft_probs = draft_probs.at[:, idx].set(jnp.take_along_axis(jnp.exp(logq), beam[..., None], axis=1))
+        q = jnp.take_along_axis(jnp.exp(logq), beam[..., None], axis=1)
+        q = jnp.where(jnp.isfinite(top)[..., None], q, 0.0)  # filler nodes: verified as deterministic
+        draft_probs = draft_probs.at[:, idx].set(q)
         scores = scores.at[:, idx].set(top)
         beam_logp = jnp.take_along_axis(child_logp.reshape(b, -1), flat, axis=1)
         beam_nodes, beam_score = jnp.broadcast_to(idx, (b, width)).astype(jnp.int32), top

@@ -35,7 +35,8 @@ from decodax.speculative.draft_model import (
     with_draft_params,
 )
 
-from .test_decoder import PROMPT, PROMPTS, REPETITIVE, SAMPLER, V, _accept_all, _chi2_p, _chi2_p_lenient, _exact_law
+from .test_decoder import PROMPTS, REPETITIVE, _accept_all
+from .test_tree_decoder import PROMPT, SAMPLER, V, chi2_p, exact_law
 
 RAGGED = PROMPTS + REPETITIVE  # prompt lengths 2 .. 25
 
@@ -183,16 +184,16 @@ def _counts(dec, params, runs=RUNS):
 
 def test_sampling_law_of_first_tokens_is_the_target_law(tiny8):
     model, params, draft, dparams = tiny8
-    law = _exact_law(model, params)
+    law = exact_law(model, params)
     both = with_draft_params(params, dparams)
     drafter = draft_model_drafter(model, draft)
     k = 2
     dec = speculative(model, drafter, k=k, sampler=SAMPLER)
-    p = _chi2_p(_counts(dec, both), law)
+    p = chi2_p(_counts(dec, both), law)
     print(f"draft model: chi-square p = {p:.3g}")
     assert p > 1e-3, p
     bad = speculative(model, drafter, k=k, sampler=SAMPLER, verifier=_accept_all)
-    p_bad = _chi2_p_lenient(_counts(bad, both, runs=1), law)
+    p_bad = chi2_p(_counts(bad, both, runs=1), law)
     print(f"accept-all control: chi-square p = {p_bad:.3g}")
     assert p_bad < 1e-3, p_bad
 

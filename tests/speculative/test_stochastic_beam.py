@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from speculative.test_verify import ALPHA, KEY0, N_MC, P_TAB, Q_FULL, VOCAB, _emitted, complete, law_pvalues
+from speculative.test_verify import (ALPHA, KEY0, MAX_LEN, N_MC, P_TAB, Q_FULL, VOCAB, _emitted, complete,
+                                     law_pvalues, random_table)
 
 from decodax.speculative import verify_recursive, verify_tree_sampling
 from decodax.speculative.stochastic_beam import stochastic_beam_tree
@@ -39,9 +42,13 @@ def table_logits(table):
     return fn
 
 
-@jax.jit
-def _draft(key, root):
-    tree = stochastic_beam_tree(table_logits(Q_FULL), root, key, width=WIDTH, depth=DEPTH)
+# "sparse": 30% zero entries, 3 tokens of positive mass at the root: a width-4 level gets a filler node
+DRAFTS = {"full": Q_FULL, "sparse": random_table(6, VOCAB, MAX_LEN, alpha=0.8, zero_frac=0.4)}
+
+
+@functools.partial(jax.jit, static_argnames=("draft", "width"))
+def _draft(key, root, draft="full", width=WIDTH):
+    tree = stochastic_beam_tree(table_logits(DRAFTS[draft]), root, key, width=width, depth=DEPTH)
     return tree, _codes(tree.tokens, tree.parents, P_TAB)
 
 
@@ -74,8 +81,14 @@ def test_tree_shape_and_sibling_order():
     assert len(np.unique(par[:, 1 + WIDTH :], axis=0)) > 3
 
 
-def test_rsd_s_law_and_negative_control():
-    tree, codes = _draft(jax.random.key(7), jnp.zeros((N_MC,), jnp.int32))
+@pytest.mark.parametrize("draft,width", [("full", WIDTH), ("sparse", VOCAB)])
+def test_rsd_s_law_and_negative_control(draft, width):
+    """Full-support draft, and a draft with zeros at width = vocabulary (filler nodes, verified
+    as deterministic candidates, must not bias the law)."""
+    tree, codes = _draft(jax.random.key(7), jnp.zeros((N_MC,), jnp.int32), draft=draft, width=width)
+    if draft == "sparse":
+        filler = ~np.isfinite(np.asarray(tree.scores))
+        assert filler.mean() > 0.01 and np.all(np.asarray(tree.draft_probs)[filler] == 0)
     target = jnp.asarray(P_TAB.probs[np.asarray(codes)], jnp.float32)
     emitted, n_emit = map(np.asarray, _verify(KEY0, tree, target, True))
     assert emitted.min() >= 0 and emitted.max() < VOCAB and (n_emit > 1).mean() > 0.2
