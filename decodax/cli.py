@@ -30,7 +30,7 @@ def cmd_generate(args) -> int:
 
     sampler = _sampler(args)
     model, params, tok = load_default(packed=args.weights == "packed")
-    params = method_params(args.method, params)
+    params = method_params(args.method, model, params)
     ids = encode_prompt(tok, args.prompt, chat=not args.no_chat)
     decoder = make_decoder(args.method, model, params, sampler)
     t0 = time.perf_counter()
@@ -77,7 +77,7 @@ def cmd_bench(args) -> int:
     with Progress(console=console, transient=True) as progress:
         runs = bench_decoders(decoders, params, prompts, encoded, batch=args.batch,
                               max_new_tokens=args.max_new_tokens, progress=progress,
-                              method_params={**{n: method_params(n, params) for n in names},
+                              method_params={**{n: method_params(n, model, params) for n in names},
                                              "ar-f32": weights.get("float32")})
         if args.compare_hf:
             hf_model = hf_bench.load_hf(default_model_path())

@@ -24,11 +24,11 @@ def make_decoder(name: str, model, params, sampler: sampling.Sampler | None = No
     return METHODS[name](model, params, sampler or sampling.make_sampler(temperature=0.0))
 
 
-def _speculative_factory(make_drafter, k: int):
+def _speculative_factory(make_drafter, k: int, widths: tuple[int, ...] | None = None):
     def factory(model, params, sampler):
         from decodax.speculative.decoder import speculative
 
-        return speculative(model, make_drafter(model), k=k, sampler=sampler)
+        return speculative(model, make_drafter(model), k=k, sampler=sampler, widths=widths)
 
     return factory
 
@@ -49,6 +49,18 @@ def _ee(model):
 # early-exit draft (the target's first 8 layers + LM head).
 register("pld", _speculative_factory(_pld, k=4))
 register("ee-draft", _speculative_factory(_ee, k=4))
+
+
+def _del(model):
+    from decodax.speculative.dynamic_exit import dynamic_exit_drafter
+
+    layers = tuple(l for l in (4, 6, 8, 10, 12) if l < model.config.n_layers) or (1,)
+    return dynamic_exit_drafter(model, layers, k=4)
+
+
+# DEL (Zarch et al. 2025): the exit layer (4..12) and draft length (0..4) chosen every step
+# from shadow-token acceptance rates; "ee-draft" (exit 8, k = 4) is its static baseline.
+register("del", _speculative_factory(_del, k=4, widths=(1, 2, 3, 4)))
 
 
 def _draft(model):
@@ -104,13 +116,13 @@ register("aded", _tree_factory(_aded))
 # ``experiments/train_draft_heads.py``). Their params join the target's under "draft_heads".
 HEADS_DIR_ENV = "DECODAX_HEADS_DIR"
 
-# name -> hook(params) -> params: what a method needs added to the target params
+# name -> hook(model, params) -> params: what a method needs added to the target params
 PARAMS_HOOKS: dict[str, Callable] = {}
 
 
-def method_params(name: str, params):
+def method_params(name: str, model, params):
     """The params to decode ``name`` with: the target's, plus whatever the method loads."""
-    return PARAMS_HOOKS[name](params) if name in PARAMS_HOOKS else params
+    return PARAMS_HOOKS[name](model, params) if name in PARAMS_HOOKS else params
 
 
 def heads_dir(name: str) -> str:
@@ -135,7 +147,7 @@ def _heads_method(name: str):
         template = tr_template(num_nodes=CPU_TREE_NODES, width=3, max_depth=heads.num_heads)
         return tree_speculative(model, draft_heads_drafter(model, heads, template), sampler=sampler)
 
-    def hook(params):
+    def hook(model, params):
         from decodax.heads import with_head_params
 
         return with_head_params(params, _load_heads(name)[1])
@@ -146,3 +158,51 @@ def _heads_method(name: str):
 
 _heads_method("medusa")
 _heads_method("hydra")
+
+
+# A distilled draft (the target's first layers fine-tuned by KD) and SpecDec++ (its acceptance
+# head stops drafting), loaded from ``$DECODAX_HEADS_DIR/distilled`` (written by
+# ``experiments/train_draft_model.py``). The draft joins the target params under "draft".
+def _load_draft(model, params):
+    from decodax.speculative.distill import load_draft
+
+    return load_draft(heads_dir("distilled"), model, params, packed=True)
+
+
+def _draft_config():
+    import json
+    import os
+
+    path = os.path.join(heads_dir("distilled"), "draft.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"draft model checkpoint incomplete: {path} does not exist "
+                                f"(train it with experiments/train_draft_model.py)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _distilled_method(name: str, specdecpp: bool):
+    def factory(model, params, sampler):
+        from decodax.speculative.decoder import speculative
+        from decodax.speculative.draft_model import draft_model_drafter, first_layers_model
+
+        cfg = _draft_config()
+        draft = first_layers_model(model, int(cfg["n_layers"]))
+        if not specdecpp:
+            return speculative(model, draft_model_drafter(model, draft), k=4, sampler=sampler)
+        k = int(cfg.get("k", 6))
+        drafter = draft_model_drafter(model, draft, stop_threshold=float(cfg["stop_threshold"]))
+        return speculative(model, drafter, k=k, sampler=sampler, widths=tuple(range(1, k + 1)))
+
+    def hook(model, params):
+        from decodax.speculative.draft_model import with_draft_params
+
+        _, dparams, _ = _load_draft(model, params)
+        return with_draft_params(params, dparams)
+
+    register(name, factory)
+    PARAMS_HOOKS[name] = hook
+
+
+_distilled_method("distilled", specdecpp=False)
+_distilled_method("specdec++", specdecpp=True)

@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in methods:
         dec = make_decoder(name, model, params)
         for b in batches:
-            got, taus = decode(dec, method_params(name, params), encoded, b, n)
+            got, taus = decode(dec, method_params(name, model, params), encoded, b, n)
             divs = []
             for i, (mine, ref) in enumerate(zip(got, reference[b])):
                 pos = first_difference(mine, ref)

@@ -76,13 +76,13 @@ def prefill(model, params, prompt, prompt_len, key, *, sampler, max_new_tokens, 
     return (state, out.hidden) if with_hidden else state
 
 
-def next_token(model, params, state: DecodeState, sampler: sampling.Sampler, key):
+def next_token(model, params, state: DecodeState, sampler: sampling.Sampler, key, *, taps: tuple[int, ...] = ()):
     """One T = 1 forward of ``last_token`` and the next token drawn by ``sampler``.
 
     Returns ``(token int32[B], ModelOutput)``; the output's cache holds the new
-    entry uncommitted.
+    entry uncommitted (``taps``: see ``Model.apply``).
     """
-    out = model.apply(params, state.last_token[:, None], state.cache.length[:, None], state.cache)
+    out = model.apply(params, state.last_token[:, None], state.cache.length[:, None], state.cache, taps=taps)
     ctx, mask = context_of(state) if sampler.needs_context else (None, None)
     tok = sampling.sample_with(sampler, out.logits[:, 0], None if sampler.is_greedy else key,
                                context=ctx, context_mask=mask)

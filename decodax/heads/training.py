@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jaxtyping import Array
 
 from decodax.heads.medusa import DraftHeads, head_logits
 from decodax.model.transformer import Model
+from decodax.train.partial import epoch_batches, frozen_base_optimizer
 
 __all__ = ["head_batches", "head_loss", "head_optimizer"]
 
@@ -52,28 +49,6 @@ def head_loss(model: Model, heads: DraftHeads, decay: float = 0.8):
     return loss_fn
 
 
-def head_optimizer(learning_rate: float, steps: int, warmup: int = 10, weight_decay: float = 0.0):
-    """AdamW with warmup + cosine decay on the heads; the frozen base gets no updates (no state)."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(warmup, steps), max(steps, 1))
-    return optax.multi_transform(
-        {"train": optax.adamw(schedule, weight_decay=weight_decay), "frozen": optax.set_to_zero()},
-        lambda params: {"heads": jax.tree.map(lambda _: "train", params["heads"]),
-                        "base": jax.tree.map(lambda _: "frozen", params["base"])},
-    )
-
-
-def head_batches(data: dict[str, np.ndarray], batch_size: int, seed: int = 0) -> Callable[[int], dict[str, Any]]:
-    """``batch_fn(step)``: epochs of shuffled sequences, a deterministic function of the step
-    (so a resumed run sees the same batches)."""
-    n = len(data["tokens"])
-    if not 1 <= batch_size <= n:
-        raise ValueError(f"head_batches: batch_size must be in [1, {n}], got {batch_size}")
-    per_epoch = n // batch_size
-
-    def batch_fn(step: int) -> dict[str, Array]:
-        epoch, i = divmod(step, per_epoch)
-        order = np.random.default_rng((seed, epoch)).permutation(n)
-        rows = order[i * batch_size : (i + 1) * batch_size]
-        return {k: jnp.asarray(v[rows]) for k, v in data.items()}
-
-    return batch_fn
+# Heads train on top of the frozen base: the shared trainer's generic pieces.
+head_optimizer = frozen_base_optimizer
+head_batches = epoch_batches

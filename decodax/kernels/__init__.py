@@ -3,10 +3,10 @@
 from jaxtyping import Array, Float
 
 from decodax.kernels import smallm
-from decodax.kernels.packed import PackedWeight, dequantize, linear_packed, take_rows, unpack
+from decodax.kernels.packed import PackedWeight, dequantize, linear_packed, pack_q8_0, take_rows, unpack
 from decodax.kernels.smallm import MAX_ROWS, available, bmm, linear_xla
 
-__all__ = ["MAX_ROWS", "PackedWeight", "available", "bmm", "dequantize", "linear", "linear_xla",
+__all__ = ["MAX_ROWS", "PackedWeight", "available", "bmm", "dequantize", "linear", "linear_xla", "pack_q8_0",
            "take_rows", "unpack"]
 
 

@@ -27,12 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 from gguf import GGMLQuantizationType
+from gguf.quants import quantize as gguf_quantize
 from jaxtyping import Array, Float, Int
 
 from decodax.kernels import smallm
 
 __all__ = ["BLOCK", "PACKABLE", "PackedWeight", "concat_rows", "dequantize", "from_gguf_blocks",
-           "linear_packed", "map_rows", "take_rows", "unpack"]
+           "linear_packed", "map_rows", "pack_q8_0", "take_rows", "unpack"]
 
 BLOCK = 32
 PACKABLE = frozenset({GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0})
@@ -116,6 +117,19 @@ def unpack(tree: Any) -> Any:
     """Replace every :class:`PackedWeight` in a pytree (e.g. params) by its float32 matrix."""
     return jax.tree.map(lambda x: dequantize(x) if isinstance(x, PackedWeight) else x, tree,
                         is_leaf=lambda x: isinstance(x, PackedWeight))
+
+
+def pack_q8_0(tree: Any) -> Any:
+    """Quantize every float matrix ``[N, K]`` (``K`` a multiple of 32) in a pytree to Q8_0 blocks
+    (``gguf.quants.quantize``), e.g. a trained draft for inference; vectors stay float."""
+
+    def one(x):
+        if isinstance(x, PackedWeight) or getattr(x, "ndim", 0) != 2 or x.shape[1] % BLOCK:
+            return x
+        raw = gguf_quantize(np.asarray(x, np.float32), GGMLQuantizationType.Q8_0)
+        return from_gguf_blocks(raw, GGMLQuantizationType.Q8_0, tuple(x.shape))
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, PackedWeight))
 
 
 def take_rows(w: PackedWeight | Array, idx: Int[Array, "..."]) -> Float[Array, "... K"]:

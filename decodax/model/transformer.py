@@ -21,6 +21,7 @@ class ModelOutput(NamedTuple):
     logits: Float[Array, "B T V"] | None
     hidden: Float[Array, "B T D"]
     cache: kv.KVCache
+    taps: Float[Array, "N B T D"] | None = None  # hidden states after the layers named in ``taps``
 
 
 def rms_norm(x: Array, weight: Array, eps: float) -> Array:
@@ -182,6 +183,7 @@ class Model:
         logits_at: Int[Array, "B K"] | None = None,
         compute_logits: bool = True,
         empty_cache: bool = False,
+        taps: tuple[int, ...] = (),
     ) -> ModelOutput:
         """Run T new tokens through the decoder over the committed cache.
 
@@ -199,6 +201,9 @@ class Model:
           compute_logits: False skips the LM head (``logits`` is None).
           empty_cache: the caller guarantees no committed entries (a prefill):
             attention skips the cache, which saves work and compile time.
+          taps: layer counts ``l`` (1-based, ``<=`` the layers run) whose output
+            hidden states are returned as ``taps[N, B, T, D]`` (DEL's per-layer
+            acceptance statistics read them from the verify forward).
 
         Returns:
           ``ModelOutput(logits, hidden, cache)``; ``hidden`` is the (pre-norm)
@@ -209,11 +214,14 @@ class Model:
         n_layers = c.n_layers if exit_layer is None else int(exit_layer)
         if not 1 <= n_layers <= c.n_layers:
             raise ValueError(f"exit_layer must be in [1, {c.n_layers}], got {exit_layer}")
+        taps = tuple(int(l) for l in taps)
+        if any(not 1 <= l <= n_layers for l in taps):
+            raise ValueError(f"taps must name layers in [1, {n_layers}], got {taps}")
         if attn_mask is None:
             attn_mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
         block = Block(c)
         x = take_rows(params["embed"], tokens)
-        ks, vs = [], []
+        ks, vs, tapped = [], [], {}
         # A Python loop over per-layer weight dicts: XLA's CPU dot is ~2.5x slower on
         # slices of stacked weights (scan) than on separate arrays.
         for i, lp in enumerate(params["layers"][:n_layers]):
@@ -221,6 +229,8 @@ class Model:
             x, k, v = block.apply({"params": lp}, x, positions, ck, cv, cache.length, attn_mask, i)
             ks.append(k)
             vs.append(v)
+            if i + 1 in taps:
+                tapped[i + 1] = x
         new_cache = kv.write(cache, jnp.stack(ks), jnp.stack(vs))
         logits = None
         if compute_logits:
@@ -228,7 +238,8 @@ class Model:
             if logits_at is not None:
                 h = jnp.take_along_axis(x, logits_at[..., None].astype(jnp.int32), axis=1)
             logits = self.logits(params, h)
-        return ModelOutput(logits=logits, hidden=x, cache=new_cache)
+        tap_out = jnp.stack([tapped[l] for l in taps]) if taps else None
+        return ModelOutput(logits=logits, hidden=x, cache=new_cache, taps=tap_out)
 
 
 def param_count(params: Any) -> int:

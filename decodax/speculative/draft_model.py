@@ -55,6 +55,7 @@ from decodax.decoding.state import DecodeState
 from decodax.model import cache as kv
 from decodax.model.transformer import Model
 from decodax.speculative.drafters import Drafter, Proposal
+from decodax.speculative.specdecpp import acceptance_logit, stop_after
 
 __all__ = [
     "DraftState",
@@ -133,11 +134,12 @@ def _token_at(state: DecodeState, pos: Int[Array, " B"]) -> Int[Array, " B"]:
 
 
 def draft_model_drafter(target_model: Model, draft_model: Model, *,
-                        draft_params: str | Callable[[Any], Any] = "draft") -> Drafter:
+                        draft_params: str | Callable[[Any], Any] = "draft",
+                        stop_threshold: float | None = None) -> Drafter:
     """Draft-model speculative decoding (Leviathan et al. 2023; Chen et al. 2023):
     ``draft_model``, with its own parameters and its own KV cache (kept in the
     drafter state), drafts ``k`` tokens autoregressively per step
-    (``lax.fori_loop``).
+    (a ``lax.while_loop``).
 
     ``draft_params``: where the draft's parameters are in the params pytree
     given to ``generate`` -- a key (default ``"draft"``, see
@@ -148,6 +150,12 @@ def draft_model_drafter(target_model: Model, draft_model: Model, *,
     plus the earlier drafts) and those probabilities are returned. See the
     module docstring for the cache invariant. Raises ``ValueError`` when the
     vocabularies differ; ``k < 1`` is rejected when tracing ``propose``.
+
+    ``stop_threshold`` (SpecDec++, :mod:`decodax.speculative.specdecpp`): the draft
+    params carry an acceptance head (``"acceptance"``); a row stops drafting once
+    the predicted P(at least one rejection) exceeds the threshold (its
+    ``Proposal.length``), and the loop ends when every row has stopped. Pair it
+    with ``speculative(..., widths=)`` so short drafts get short verifies.
     """
     for name, m in (("target_model", target_model), ("draft_model", draft_model)):
         if not isinstance(m, Model):
@@ -165,7 +173,11 @@ def draft_model_drafter(target_model: Model, draft_model: Model, *,
         select = draft_params
     else:
         raise ValueError(f"draft_model_drafter: draft_params must be a key or a callable, got {draft_params!r}")
-    return _draft_model_drafter(draft_model, select)
+    if stop_threshold is not None:
+        stop_threshold = float(stop_threshold)
+        if not 0.0 < stop_threshold < 1.0:
+            raise ValueError(f"draft_model_drafter: stop_threshold must be in (0, 1), got {stop_threshold}")
+    return _draft_model_drafter(draft_model, select, stop_threshold)
 
 
 def _check_draft_params(draft_model: Model, dp) -> None:
@@ -179,7 +191,7 @@ def _check_draft_params(draft_model: Model, dp) -> None:
 
 
 @functools.lru_cache(maxsize=64)
-def _draft_model_drafter(draft_model: Model, select: Callable[[Any], Any]) -> Drafter:
+def _draft_model_drafter(draft_model: Model, select: Callable[[Any], Any], stop: float | None) -> Drafter:
 
     def init(params, state: DecodeState) -> DraftState:
         dp = select(params)
@@ -229,20 +241,46 @@ def _draft_model_drafter(draft_model: Model, select: Callable[[Any], Any]) -> Dr
         dcache = kv.commit(out.cache, 2)
         probs0 = None if greedy else jnp.zeros((b, k, draft_model.config.vocab_size), jnp.float32)
         drafts, probs = draw(0, out.logits[:, 0], jnp.zeros((b, k), jnp.int32), probs0)
+        length = jnp.full((b,), k, jnp.int32)
+        if stop is not None:
+            if "acceptance" not in dp:
+                raise ValueError("draft_model_drafter: stop_threshold needs an acceptance head in the draft params "
+                                 "(params['draft']['acceptance'], see decodax.speculative.specdecpp)")
+            log_p = jax.nn.log_sigmoid(acceptance_logit(dp["acceptance"], out.hidden[:, 1]))
+            length = jnp.where(stop_after(log_p, stop), 1, k)
+        else:
+            log_p = jnp.zeros((b,), jnp.float32)
 
-        def body(i, carry):
-            dcache, drafts, probs = carry
+        def body(carry):
+            i, dcache, drafts, probs, log_p, length = carry
             out = draft_model.apply(dp, drafts[:, i - 1][:, None], dcache.length[:, None], dcache)
             drafts, probs = draw(i, out.logits[:, 0], drafts, probs)
-            return kv.commit(out.cache, 1), drafts, probs
+            if stop is not None:
+                log_p = log_p + jax.nn.log_sigmoid(acceptance_logit(dp["acceptance"], out.hidden[:, 0]))
+                length = jnp.where((length == k) & stop_after(log_p, stop), i + 1, length)
+            return i + 1, kv.commit(out.cache, 1), drafts, probs, log_p, length
 
-        dcache, drafts, probs = jax.lax.fori_loop(1, k, body, (dcache, drafts, probs))
-        return Proposal(drafts, probs, jnp.full((b,), k, jnp.int32), DraftState(dcache))
+        def going(carry):
+            i, length = carry[0], carry[-1]
+            more = jnp.any((length == k) & ~state.done) if stop is not None else True
+            return (i < k) & more
+
+        n, dcache, drafts, probs, _, length = jax.lax.while_loop(
+            going, body, (jnp.int32(1), dcache, drafts, probs, log_p, length))
+        if stop is not None:  # drafts past the last one drawn are filler (the last one repeated)
+            past = jnp.arange(k)[None, :] >= n
+            drafts = jnp.where(past, jnp.take_along_axis(drafts, jnp.full((b, 1), n - 1), axis=1), drafts)
+            if probs is not None:
+                onehot = jax.nn.one_hot(drafts, probs.shape[-1], dtype=probs.dtype)
+                probs = jnp.where(past[..., None], onehot, probs)
+            length = jnp.minimum(length, n)
+        return Proposal(drafts, probs, length, DraftState(dcache))
 
     def update(dstate: DraftState, state: DecodeState, accepted, **kwargs) -> DraftState:
         """Roll the draft cache back to the target's committed length minus one."""
         return DraftState(kv.rollback(dstate.cache, state.cache.length - 1))
 
     c = draft_model.config
+    suffix = "" if stop is None else f", specdec++ h={stop:g}"
     return Drafter(init=init, propose=propose, update=update,
-                   name=f"draft_model({c.name}, {c.n_layers} layers)", may_be_empty=False)
+                   name=f"draft_model({c.name}, {c.n_layers} layers{suffix})", may_be_empty=False)

@@ -21,7 +21,10 @@ fed tokens (root first) and the accepted node indices (root first, ``-1``
 padded; a chain's path is ``0 .. accepted``). Drafters on the target's
 features (Medusa/Hydra heads) set ``wants_hidden=True`` and get
 ``hidden=[B, P, D]`` / ``hidden=[B, T, D]`` (pre-norm last-layer states) the
-same way, with ``path``. Tree drafters also carry their
+same way, with ``path``; chain drafters that name layers in ``taps`` (DEL)
+get ``taps=[N, B, T, D]``, those layers' states in the verify forward, with
+``tokens`` and ``path``. A chain decoder never accepts a draft past
+``Proposal.length`` (filler is verified but cut off). Tree drafters also carry their
 static tree as ``template``, the hashable rank paths of a
 :class:`~decodax.speculative.trees.TreeTemplate` (``trees.tree_from_paths``); their
 ``Proposal.tokens`` are the tokens of nodes ``1 .. N - 1`` (node 0 is
@@ -45,7 +48,7 @@ from decodax import sampling
 from decodax.decoding.autoregressive import context_of
 from decodax.decoding.state import DecodeState
 
-__all__ = ["Drafter", "Proposal", "contiguous_context", "early_exit_drafter", "prompt_lookup"]
+__all__ = ["Drafter", "Proposal", "contiguous_context", "early_exit_drafter", "exit_layer_drafts", "prompt_lookup"]
 
 
 class Proposal(NamedTuple):
@@ -64,6 +67,8 @@ class Drafter(NamedTuple):
     template: Any = None  # a tree drafter's static tree as hashable rank paths (TreeTemplate.paths); None: chain
     wants_logits: bool = False  # True: init / update receive the target's logits (keywords above)
     wants_hidden: bool = False  # True: init / update receive the target's last hidden states (hidden=)
+    taps: tuple[int, ...] = ()  # chain drafters: update receives the verify forward's hidden states after
+    # these layers (taps=[N, B, T, D], Model.apply's ``taps``), with tokens= and path=
 
 
 def _no_state(params, state):
@@ -165,37 +170,55 @@ def early_exit_drafter(model, exit_layer: int) -> Drafter:
     return _early_exit_drafter(model, exit_layer)
 
 
+def exit_layer_drafts(model, params, state: DecodeState, key, *, k: int, sampler, exit_layer: int,
+                      count: Int[Array, ""] | None = None) -> tuple[Int[Array, "B K"], Float[Array, "B K V"] | None]:
+    """``count`` (default ``k``; may be traced) tokens drafted autoregressively by the
+    target's first ``exit_layer`` layers + final norm + LM head, writing those layers'
+    keys/values into a copy of the cache at slots ``length ..`` (never committed).
+
+    Returns ``(drafts[B, k], probs[B, k, V] | None)``; drafts past ``count`` are
+    filler (the last draft repeated) with point-mass probabilities.
+    """
+    cache = state.cache
+    base = cache.length
+    sub = dataclasses.replace(cache, k=cache.k[:exit_layer], v=cache.v[:exit_layer])
+    b = base.shape[0]
+    v = model.config.vocab_size
+    greedy = sampler.is_greedy
+    ctx, mask = (context_of(state) if sampler.needs_context else (None, None))
+    keys = jax.random.split(key, k)
+
+    def body(i, carry):
+        sub, tok, drafts, probs = carry
+        c = dataclasses.replace(sub, length=base + i)
+        out = model.apply(params, tok[:, None], (base + i)[:, None], c, exit_layer=exit_layer)
+        logits = out.logits[:, 0]
+        if greedy:
+            x = sampling.sample_with(sampler, logits, None, context=ctx, context_mask=mask)
+        else:
+            q = sampling.probs(sampler, logits, ctx, mask)
+            x = sampling.sample(jnp.log(q), keys[i])
+            probs = probs.at[:, i].set(q)
+        drafts = drafts.at[:, i].set(x)
+        return dataclasses.replace(out.cache, length=base), x.astype(jnp.int32), drafts, probs
+
+    probs0 = None if greedy else jnp.zeros((b, k, v), jnp.float32)
+    init = (sub, state.last_token, jnp.zeros((b, k), jnp.int32), probs0)
+    _, last, drafts, probs = jax.lax.fori_loop(0, k if count is None else count, body, init)
+    if count is not None:
+        past = jnp.arange(k)[None, :] >= count
+        drafts = jnp.where(past, last[:, None], drafts)
+        if probs is not None:
+            probs = jnp.where(past[..., None], jax.nn.one_hot(drafts, v, dtype=probs.dtype), probs)
+    return drafts, probs
+
+
 @functools.lru_cache(maxsize=64)
 def _early_exit_drafter(model, exit_layer: int) -> Drafter:
 
     def propose(params, state, dstate, key, *, k, sampler):
-        cache = state.cache
-        base = cache.length
-        sub = dataclasses.replace(cache, k=cache.k[:exit_layer], v=cache.v[:exit_layer])
-        b = base.shape[0]
-        v = model.config.vocab_size
-        greedy = sampler.is_greedy
-        ctx, mask = (context_of(state) if sampler.needs_context else (None, None))
-        keys = jax.random.split(key, k)
-
-        def body(i, carry):
-            sub, tok, drafts, probs = carry
-            c = dataclasses.replace(sub, length=base + i)
-            out = model.apply(params, tok[:, None], (base + i)[:, None], c, exit_layer=exit_layer)
-            logits = out.logits[:, 0]
-            if greedy:
-                x = sampling.sample_with(sampler, logits, None, context=ctx, context_mask=mask)
-            else:
-                q = sampling.probs(sampler, logits, ctx, mask)
-                x = sampling.sample(jnp.log(q), keys[i])
-                probs = probs.at[:, i].set(q)
-            drafts = drafts.at[:, i].set(x)
-            return dataclasses.replace(out.cache, length=base), x.astype(jnp.int32), drafts, probs
-
-        probs0 = None if greedy else jnp.zeros((b, k, v), jnp.float32)
-        init = (sub, state.last_token, jnp.zeros((b, k), jnp.int32), probs0)
-        _, _, drafts, probs = jax.lax.fori_loop(0, k, body, init)
-        return Proposal(drafts, probs, jnp.full((b,), k, jnp.int32), dstate)
+        drafts, probs = exit_layer_drafts(model, params, state, key, k=k, sampler=sampler, exit_layer=exit_layer)
+        return Proposal(drafts, probs, jnp.full((drafts.shape[0],), k, jnp.int32), dstate)
 
     return Drafter(init=_no_state, propose=propose, update=_keep, name=f"early_exit({exit_layer})",
                    may_be_empty=False)

@@ -53,10 +53,12 @@ def drafter_prefill(model, drafter: Drafter, params, prompt: Int[Array, "B P"], 
 
 def drafter_update(drafter: Drafter, dstate: Any, state: DecodeState, accepted: Int[Array, " B"], *,
                    logits: Float[Array, "B T V"], tokens: Int[Array, "B T"], path: Int[Array, "B P"],
-                   hidden: Float[Array, "B T D"] | None = None) -> Any:
+                   hidden: Float[Array, "B T D"] | None = None, taps: Array | None = None) -> Any:
     """``drafter.update``, with the verify logits / fed tokens / accepted path / hidden states
-    when it wants them."""
+    (last layer, or the tapped layers) when it wants them."""
     extra = {}
+    if drafter.taps:
+        extra.update(taps=taps, tokens=tokens, path=path)
     if drafter.wants_logits:
         extra.update(logits=logits, tokens=tokens, path=path)
     if drafter.wants_hidden:
@@ -97,6 +99,8 @@ def tree_speculative(model, drafter: Drafter, *, template: trees.TreeTemplate | 
     if not isinstance(drafter, Drafter):
         raise ValueError(f"tree_speculative: drafter must be a Drafter (init, propose, update), "
                          f"got {type(drafter).__name__}")
+    if drafter.taps:
+        raise ValueError(f"tree_speculative: {drafter.name} reads layer taps, which only the chain decoder provides")
     own = None if drafter.template is None else trees.tree_from_paths(drafter.template)
     if template is None:
         template = own

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from decodax.kernels import MAX_ROWS, PackedWeight, available, dequantize, linear, take_rows, unpack
+from decodax.kernels import MAX_ROWS, PackedWeight, available, dequantize, linear, pack_q8_0, take_rows, unpack
 from decodax.kernels.packed import concat_rows, from_gguf_blocks, linear_packed, map_rows
 from decodax.model.transformer import param_count
 
@@ -95,3 +95,13 @@ def test_bad_input():
         linear_packed(jnp.ones((1, 32)), pw)
     with pytest.raises(ValueError, match="row axis"):
         concat_rows([pw, pw], axis=1)
+
+
+def test_pack_q8_0_quantizes_matrices_only():
+    w = np.random.default_rng(5).standard_normal((8, 64)).astype(np.float32)
+    tree = pack_q8_0({"w": jnp.asarray(w), "norm": jnp.ones(64), "odd": jnp.ones((2, 20))})
+    assert isinstance(tree["w"], PackedWeight) and tree["w"].kind == "q8_0"
+    assert not isinstance(tree["norm"], PackedWeight) and not isinstance(tree["odd"], PackedWeight)
+    ref = gguf.quants.dequantize(gguf.quants.quantize(w, Q.Q8_0), Q.Q8_0)
+    np.testing.assert_array_equal(np.asarray(dequantize(tree["w"])), ref)
+    assert np.abs(ref - w).max() <= np.abs(w).max() / 127  # half a step of the largest block scale, at most
