@@ -66,8 +66,9 @@ def passages(path: Path, n: int, words: int = 90) -> list[str]:
     return out
 
 
-def make_dataset(model, params, tok, texts: list[str], new_tokens: int, window: int, batch: int):
-    """Greedy generations and the target's hidden states over the last ``window`` positions."""
+def generations(model, params, tok, texts: list[str], new_tokens: int, batch: int):
+    """The target's greedy answers to the instruction prompts: (prompt + answer token lists,
+    prompt lengths)."""
     prompts = [encode_prompt(tok, f"{INSTRUCTIONS[i % len(INSTRUCTIONS)]}\n\n{t}", chat=True)
                for i, t in enumerate(texts)]
     dec = autoregressive(model)
@@ -78,6 +79,12 @@ def make_dataset(model, params, tok, texts: list[str], new_tokens: int, window: 
         for p, row in zip(group, out.rows()):
             seqs.append(list(p) + row)
             starts.append(len(p))
+    return seqs, starts
+
+
+def make_dataset(model, params, tok, texts: list[str], new_tokens: int, window: int, batch: int):
+    """Greedy generations and the target's hidden states over the last ``window`` positions."""
+    seqs, starts = generations(model, params, tok, texts, new_tokens, batch)
     fwd = jax.jit(lambda p, x, c: model.apply(p, x, jnp.arange(x.shape[1])[None], c, empty_cache=True,
                                               compute_logits=False).hidden)
     tokens = np.zeros((len(seqs), window), np.int32)

@@ -34,8 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import decodax
-from decodax.bench.runner import encode_prompt
-from decodax.decoding import autoregressive, generate
 from decodax.kernels import unpack
 from decodax.model import cache as kv
 from decodax.speculative.distill import draft_init, kd_loss, save_draft, teacher_topk
@@ -43,7 +41,7 @@ from decodax.speculative.draft_model import first_layers_model
 from decodax.speculative.specdecpp import acceptance_logit, acceptance_loss, init_acceptance_head
 from decodax.train import Checkpoints, create_state, epoch_batches, fit, frozen_base_optimizer, make_train_step
 
-from train_draft_heads import DATA, INSTRUCTIONS, passages  # same prompts as the heads (not Spec-Bench)
+from train_draft_heads import DATA, generations, passages  # same prompts as the heads (not Spec-Bench)
 
 ROOT = Path(__file__).resolve().parent
 # Verify cost of T tokens relative to T = 1 (packed weights, README step-cost table), interpolated.
@@ -56,16 +54,7 @@ def verify_cost(t: int) -> float:
 
 
 def make_data(model, params, tok, texts, new_tokens, topk, batch=8):
-    prompts = [encode_prompt(tok, f"{INSTRUCTIONS[i % len(INSTRUCTIONS)]}\n\n{t}", chat=True)
-               for i, t in enumerate(texts)]
-    dec = autoregressive(model)
-    seqs, starts = [], []
-    for i in range(0, len(prompts), batch):
-        group = prompts[i : i + batch]
-        out = generate(dec, params, group, max_new_tokens=new_tokens, pad_to=64)
-        for p, row in zip(group, out.rows()):
-            seqs.append(list(p) + row)
-            starts.append(len(p))
+    seqs, starts = generations(model, params, tok, texts, new_tokens, batch)
     width = -(-max(map(len, seqs)) // 64) * 64
     tokens = np.zeros((len(seqs), width), np.int32)
     mask = np.zeros((len(seqs), width), np.float32)  # position t counts when token t + 1 was generated

@@ -25,7 +25,7 @@ from decodax.decoding.driver import pad_prompts
 from decodax.model.config import tiny_config
 from decodax.model.transformer import Model
 from decodax.speculative.decoder import speculative
-from decodax.speculative.drafters import Drafter, Proposal, early_exit_drafter
+from decodax.speculative.drafters import Drafter, early_exit_drafter
 from decodax.speculative.dynamic_exit import dynamic_exit_drafter, tpl_choice
 
 
