@@ -206,3 +206,41 @@ def _distilled_method(name: str, specdecpp: bool):
 
 _distilled_method("distilled", specdecpp=False)
 _distilled_method("specdec++", specdecpp=True)
+
+
+def _pearl_factory(model, params, sampler):
+    from decodax.speculative.draft_model import first_layers_model
+    from decodax.speculative.pearl import pearl
+
+    draft = first_layers_model(model, int(_draft_config()["n_layers"]))
+    return pearl(model, draft, k=4, sampler=sampler)
+
+
+# PEARL (Liu et al. 2025): the distilled draft with pre-verify / post-verify; "distilled" (the
+# same draft, vanilla draft-then-verify, k = 4) is its baseline.
+register("pearl", _pearl_factory)
+PARAMS_HOOKS["pearl"] = PARAMS_HOOKS["distilled"]
+
+
+# Jacobi decoding (Santilli et al. 2023; with a sampling sampler it is Speculative Jacobi
+# Decoding, Teng et al. 2024) and lookahead decoding (Fu et al. 2024). Sizes chosen for the
+# 2-core CPU, where a forward of T tokens costs ~1 + (T - 1) / 6 forwards of 1 up to T ~ 8.
+JACOBI_WINDOW = 4
+LOOKAHEAD_WNG = (4, 3, 2)  # W, N, G: 1 + G (N - 1) + (W - 1) + (N - 2) W = 12 tokens per step
+
+
+def _jacobi_factory(model, params, sampler):
+    from decodax.jacobi import NgramInit, jacobi
+
+    return jacobi(model, window=JACOBI_WINDOW, init=NgramInit(2), sampler=sampler)
+
+
+def _lookahead_factory(model, params, sampler):
+    from decodax.jacobi.lookahead import lookahead
+
+    w, n, g = LOOKAHEAD_WNG
+    return lookahead(model, window=w, ngram=n, guesses=g, sampler=sampler)
+
+
+register("jacobi", _jacobi_factory)
+register("lookahead", _lookahead_factory)

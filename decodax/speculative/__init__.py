@@ -7,6 +7,7 @@ root = the last emitted token, ``parents[i] < i``).
 
 from decodax.speculative.aded import aded
 from decodax.speculative.decoder import speculative
+from decodax.speculative.pearl import PearlState, pearl
 from decodax.speculative.stochastic_beam import BeamTree, stochastic_beam_tree
 from decodax.speculative.token_recycling import token_recycling, tr_template
 from decodax.speculative.tree_decoder import tree_speculative
@@ -54,6 +55,8 @@ __all__ = [
     "early_exit_drafter",
     "prompt_lookup",
     "speculative",
+    "pearl",
+    "PearlState",
     "MultiDraftResult",
     "TreeTemplate",
     "TreeVerifyResult",

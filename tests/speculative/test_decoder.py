@@ -117,7 +117,8 @@ def test_sampling_law_of_first_tokens_is_the_target_law(tiny8, which):
 # --------------------------------------------------------------------------- default model
 
 
-def test_default_model_greedy_prompt_lookup_equals_greedy(default_model):
+@pytest.mark.parametrize("name", ["pld", "jacobi", "lookahead"])
+def test_default_model_greedy_registered_method_equals_greedy(default_model, name):
     from decodax.bench.runner import encode_prompt
     from decodax.methods import make_decoder
 
@@ -127,8 +128,8 @@ def test_default_model_greedy_prompt_lookup_equals_greedy(default_model):
     prompts = [encode_prompt(tok, t) for t in texts]
     n = 32
     ref = generate(autoregressive(model), params, prompts, max_new_tokens=n)
-    out = generate(make_decoder("pld", model, params), params, prompts, max_new_tokens=n)
-    print(f"pld tau on the default model: {out.tau.tolist()}")
+    out = generate(make_decoder(name, model, params), params, prompts, max_new_tokens=n)
+    print(f"{name} tau on the default model: {out.tau.tolist()}")
     assert np.all(out.tau >= 1.0)
     for ids, mine, theirs in zip(prompts, out.rows(), ref.rows()):
         if mine == theirs:
@@ -141,4 +142,4 @@ def test_default_model_greedy_prompt_lookup_equals_greedy(default_model):
         top = np.sort(np.asarray(logits, np.float64))[-2:]
         gap = float(top[1] - top[0])
         print(f"first difference at token {i}: top-2 logit gap {gap:.3g}")
-        assert gap < 1e-4, f"pld differs from greedy at token {i} with a top-2 logit gap of {gap}"
+        assert gap < 1e-4, f"{name} differs from greedy at token {i} with a top-2 logit gap of {gap}"

@@ -184,7 +184,7 @@ def test_bad_arguments(tiny):
 
 
 def test_registered_methods_load_the_checkpoint(tiny, tmp_path, monkeypatch):
-    """``distilled`` / ``specdec++`` read ``$DECODAX_HEADS_DIR/distilled``; a missing one is named."""
+    """``distilled`` / ``specdec++`` / ``pearl`` read ``$DECODAX_HEADS_DIR/distilled``; a missing one is named."""
     from decodax.methods import HEADS_DIR_ENV, make_decoder, method_params
 
     model, params = tiny
@@ -193,7 +193,7 @@ def test_registered_methods_load_the_checkpoint(tiny, tmp_path, monkeypatch):
         method_params("distilled", model, params)
     trained = {**draft_init(_noisy(params), 1), "acceptance": _with_head({}, model.config.dim, 1.0, 3.0)["acceptance"]}
     save_draft(tmp_path / "distilled", trained, info={"stop_threshold": 0.6, "k": 3, "acceptance_hidden": 16})
-    for name in ("distilled", "specdec++"):
+    for name in ("distilled", "specdec++", "pearl"):
         dec = make_decoder(name, model, params)
         out = generate(dec, method_params(name, model, params), RAGGED, max_new_tokens=12)
         assert out.rows() == _ar(model, params, RAGGED, 12).rows(), name

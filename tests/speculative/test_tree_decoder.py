@@ -151,19 +151,19 @@ def tiny8():
     return model, params
 
 
-def exact_law(model, params, sampler=SAMPLER, prompt=PROMPT):
-    """Law of the first three tokens, by full (cache-free) forwards of every prefix."""
-    pairs = np.array(list(itertools.product(range(V), repeat=2)), np.int32)
-    seqs = np.concatenate([np.tile(prompt, (len(pairs), 1)), pairs], axis=1)
+def exact_law(model, params, sampler=SAMPLER, prompt=PROMPT, tokens=3):
+    """Law of the first ``tokens`` tokens, by full (cache-free) forwards of every prefix."""
+    prefixes = np.array(list(itertools.product(range(V), repeat=tokens - 1)), np.int32)
+    seqs = np.concatenate([np.tile(prompt, (len(prefixes), 1)), prefixes], axis=1)
     n, t = seqs.shape
     out = model.apply(params, jnp.asarray(seqs), jnp.broadcast_to(jnp.arange(t), (n, t)),
                       kv.init_cache(model.config, n, t), empty_cache=True)
     p = np.asarray(sampling.probs(sampler, out.logits), np.float64)
     p = p / p.sum(-1, keepdims=True)
-    law = np.zeros((V, V, V))
-    for i, (a, b) in enumerate(pairs):
-        law[a, b, :] = p[i, t - 3, a] * p[i, t - 2, b] * p[i, t - 1, :]
-    return law
+    law = p[:, t - 1, :]
+    for j in range(tokens - 1):
+        law = law * p[np.arange(n), t - tokens + j, prefixes[:, j]][:, None]
+    return law.reshape((V,) * tokens)
 
 
 def counts_of(dec, params, runs=RUNS, prompt=PROMPT, rows=ROWS):

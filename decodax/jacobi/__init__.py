@@ -1,0 +1,19 @@
+"""Jacobi decoding family: fixed-point iteration over a window of guesses, Speculative
+Jacobi Decoding (sampling), window initialisers, lookahead decoding."""
+
+from decodax.jacobi.decoder import JacobiState, jacobi, jacobi_drafter
+from decodax.jacobi.init import NgramInit, PadInit, RandomInit, RepeatLast, WindowInit
+from decodax.jacobi.lookahead import LookaheadState, lookahead
+
+__all__ = [
+    "JacobiState",
+    "LookaheadState",
+    "NgramInit",
+    "PadInit",
+    "RandomInit",
+    "RepeatLast",
+    "WindowInit",
+    "jacobi",
+    "jacobi_drafter",
+    "lookahead",
+]
