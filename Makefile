@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/decodax bench --limit 4 --max-new-tokens 48 --methods ar,pld --out experiments/results/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 tests --nbmake notebooks
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --durations=20 tests --nbmake notebooks
 
 bench: $(STAMP)
 	$(VENV)/bin/decodax bench --out experiments/results/bench

@@ -40,22 +40,22 @@ from pallas_kernels.flash_attention import (
 from pallas_kernels.reference import HIGHEST, NEG_INF
 
 
-def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, scale, block_k, split_len):
-    split = pl.program_id(2)
-    length = len_ref[pl.program_id(0), 0]  # whole [B, 1] block: legal on Triton and Mosaic
-    start_split = split * split_len
-    q = q_ref[...].astype(jnp.float32) * scale  # [M, D]
+def split_attention(q, load_block, length, start_split, *, block_k, split_len, o_ref, m_ref, l_ref):
+    """One split of flash-decoding: online softmax of the (pre-scaled) query block ``q``
+    ``[M, D]`` over slots ``start_split .. start_split + split_len`` (those ``< length``),
+    ``load_block(start) -> (k, v)`` giving float32 ``[block_k, D]`` blocks at offset
+    ``start`` within the split. Writes the partial ``(acc, m, l)``. Shared by the float
+    and the quantized decode kernels (only ``load_block`` differs)."""
     m_rows = q.shape[0]
 
     def body(j, carry):
         acc, m_prev, l_prev = carry
         start = pl.multiple_of(j * block_k, block_k)
-        k = k_ref[pl.ds(start, block_k), :].astype(jnp.float32)
-        v = v_ref[pl.ds(start, block_k), :].astype(jnp.float32)
+        k, v = load_block(start)
         base = start_split + start
         slot_col = base + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
         slot_row = base + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-        # slots past the length may hold anything (stale drafts, NaN padding in interpret mode)
+        # slots past the length may hold anything (stale drafts or codes, NaN padding or scales)
         v = jnp.where(slot_col < length, v, 0.0)
         s = jax.lax.dot_general(q, k, _NT, precision=HIGHEST, preferred_element_type=jnp.float32)
         s = jnp.where(slot_row < length, s, NEG_INF)
@@ -78,6 +78,18 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, scale, 
     o_ref[...] = acc
     m_ref[...] = m[:, None]
     l_ref[...] = l[:, None]
+
+
+def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, scale, block_k, split_len):
+    length = len_ref[pl.program_id(0), 0]  # whole [B, 1] block: legal on Triton and Mosaic
+    q = q_ref[...].astype(jnp.float32) * scale  # [M, D]
+
+    def load_block(start):
+        return (k_ref[pl.ds(start, block_k), :].astype(jnp.float32),
+                v_ref[pl.ds(start, block_k), :].astype(jnp.float32))
+
+    split_attention(q, load_block, length, pl.program_id(2) * split_len, block_k=block_k, split_len=split_len,
+                    o_ref=o_ref, m_ref=m_ref, l_ref=l_ref)
 
 
 def combine_partials(

@@ -1,11 +1,13 @@
 """Jacobi decoding family: fixed-point iteration over a window of guesses, Speculative
-Jacobi Decoding (sampling), window initialisers, lookahead decoding."""
+Jacobi Decoding (sampling), window initialisers, lookahead decoding, CEED-VLA early exit."""
 
 from decodax.jacobi.decoder import JacobiState, jacobi, jacobi_drafter
+from decodax.jacobi.early_exit import EarlyExit
 from decodax.jacobi.init import NgramInit, PadInit, RandomInit, RepeatLast, WindowInit
 from decodax.jacobi.lookahead import LookaheadState, lookahead
 
 __all__ = [
+    "EarlyExit",
     "JacobiState",
     "LookaheadState",
     "NgramInit",

@@ -13,6 +13,15 @@ iteration and the greedy tokens those positions finally took) and trains with
 * the **AR loss**: next-token cross-entropy on the fixed point
   (``x, y*``), which keeps the model's greedy output close to the teacher's.
 
+CEED-VLA's **mixed-label supervision** (Song et al. 2025, Sec. 3.2) guards the AR
+term against the teacher's own errors: a sample whose teacher fixed point departs
+from the ground truth by more than ``δ_max`` takes the ground-truth labels for its
+AR loss instead. For text, a sample's ground truth is the reference continuation
+at the same offset, teacher-forced on the reference prefix (CEED's actions are a
+single chunk after the observation; a text trajectory's later windows follow the
+teacher's own tokens, to which the reference is not aligned); the departure is
+the fraction of window positions where the fixed point and the reference differ.
+
 Samples are a context (prompt plus the tokens emitted before the window) and a
 window; contexts are left-padded in a batch (positions start at 0 at the first
 real token and padding is masked out of attention), so a sample's logits equal
@@ -32,7 +41,7 @@ from jaxtyping import Array, Float, Int
 
 from decodax import sampling
 from decodax.decoding.driver import pad_prompts
-from decodax.jacobi.decoder import jacobi, jacobi_drafter
+from decodax.jacobi.decoder import fed_window, jacobi, jacobi_drafter
 from decodax.jacobi.init import WindowInit
 from decodax.model.cache import init_cache
 from decodax.model.transformer import Model
@@ -49,13 +58,19 @@ class JacobiSamples(NamedTuple):
     pad: np.ndarray  # [S] int32
     guess: np.ndarray  # [S, n] int32
     fixed: np.ndarray  # [S, n] int32
+    truth_context: np.ndarray  # [S, C] int32: the reference prefix (left-padded like ``context``)
+    truth_pad: np.ndarray  # [S] int32
+    truth: np.ndarray  # [S, n] int32: the reference's window; -1 where there is no reference
 
 
 def collect_jacobi_samples(model: Model, params, prompts: list[list[int]], *, window: int, max_new_tokens: int,
-                           init: WindowInit, context: int, key=None) -> JacobiSamples:
+                           init: WindowInit, context: int, key=None,
+                           references: list[list[int]] | None = None) -> JacobiSamples:
     """Run greedy Jacobi decoding on ``prompts`` (one ragged batch) and keep every
     iteration's window with its fixed point: the training data of CLLM. Contexts keep
     their last ``context`` tokens. Windows that run past ``max_new_tokens`` are dropped.
+    ``references``: each prompt's ground-truth continuation (for mixed-label
+    supervision; windows it does not cover get ``truth = -1``).
 
     A data pipeline, not a decoding loop: it steps the jitted decoder from Python to
     read each iteration's window."""
@@ -67,12 +82,7 @@ def collect_jacobi_samples(model: Model, params, prompts: list[list[int]], *, wi
         params, jnp.asarray(tokens), jnp.asarray(lengths), key if key is not None else jax.random.key(0),
         max_new_tokens=max_new_tokens, capacity=capacity)
     greedy = sampling.make_sampler(temperature=0.0)
-
-    @jax.jit
-    def window_of(state):  # the guesses the next step feeds (the decoder's own key split)
-        k_draft = jax.random.split(state.key, 3)[1]
-        return drafter.propose(params, state, state.extra, k_draft, k=window, sampler=greedy).tokens
-
+    window_of = jax.jit(lambda state: fed_window(drafter, params, state, window=window, sampler=greedy))
     step = jax.jit(dec.step)
     records = []  # (row, start, guesses)
     while int(np.min(np.asarray(state.num_generated))) < max_new_tokens:
@@ -81,16 +91,26 @@ def collect_jacobi_samples(model: Model, params, prompts: list[list[int]], *, wi
         records.extend((b, int(start[b]), g[b]) for b in range(len(prompts)) if start[b] + window <= max_new_tokens)
         state = step(params, dataclasses.replace(state, done=state.num_generated >= max_new_tokens))
     out = np.asarray(state.tokens)
-    ctx, pads, guesses, fixed = [], [], [], []
+    if references is not None and len(references) != len(prompts):
+        raise ValueError(f"collect_jacobi_samples: {len(references)} references for {len(prompts)} prompts")
+    refs = references if references is not None else [[] for _ in prompts]
+
+    def left_pad(seq):
+        seq = list(seq)[-context:]
+        return [0] * (context - len(seq)) + seq, context - len(seq)
+
+    cols = {f: [] for f in JacobiSamples._fields}
     for b, start, g in records:
-        seq = list(prompts[b]) + out[b, :start].tolist()
-        seq = seq[-context:]
-        pads.append(context - len(seq))
-        ctx.append([0] * (context - len(seq)) + seq)
-        guesses.append(g)
-        fixed.append(out[b, start:start + window])
-    return JacobiSamples(np.asarray(ctx, np.int32), np.asarray(pads, np.int32), np.asarray(guesses, np.int32),
-                         np.asarray(fixed, np.int32))
+        for name, seq in (("", list(prompts[b]) + out[b, :start].tolist()),
+                          ("truth_", list(prompts[b]) + list(refs[b][:start]))):
+            padded, pad = left_pad(seq)
+            cols[name + "context" if name else "context"].append(padded)
+            cols[name + "pad"].append(pad)
+        truth = list(refs[b][start:start + window])
+        cols["truth"].append(truth if len(truth) == window else [-1] * window)
+        cols["guess"].append(g)
+        cols["fixed"].append(out[b, start:start + window])
+    return JacobiSamples(**{f: np.asarray(v, np.int32) for f, v in cols.items()})
 
 
 def padded_logits(model: Model, params, tokens: Int[Array, "B T"], pad: Int[Array, " B"],
@@ -108,12 +128,17 @@ def padded_logits(model: Model, params, tokens: Int[Array, "B T"], pad: Int[Arra
                        empty_cache=True, logits_at=at).logits
 
 
-def consistency_loss(model: Model, *, ar_weight: float = 1.0):
+def consistency_loss(model: Model, *, ar_weight: float = 1.0, mixed_delta: float | None = None):
     """CLLM's loss, ``loss_fn(params, batch, key)`` for :func:`decodax.train.make_train_step`:
     global consistency (KL from the fixed point's stop-gradient distribution to the
     intermediate window's, summed over the window, averaged over samples) plus
     ``ar_weight`` x next-token cross-entropy on the fixed point. ``batch``: the fields of
-    :class:`JacobiSamples` as arrays."""
+    :class:`JacobiSamples` as arrays. ``mixed_delta`` (CEED-VLA's ``δ_max`` in [0, 1]):
+    samples whose fixed point differs from the reference at more than this fraction of
+    the window take the reference's labels for the AR term (module docstring); the
+    metrics report the fraction that did (``truth_frac``)."""
+    if mixed_delta is not None and not 0.0 <= mixed_delta <= 1.0:
+        raise ValueError(f"consistency_loss: mixed_delta must lie in [0, 1], got {mixed_delta!r}")
 
     def loss_fn(params, batch, key):
         del key
@@ -127,9 +152,19 @@ def consistency_loss(model: Model, *, ar_weight: float = 1.0):
         student = jax.nn.log_softmax(guess_logits.astype(jnp.float32))
         kl = jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)  # [B, n]
         consistency = jnp.mean(jnp.sum(kl, axis=1))
-        ar = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(fixed_logits.astype(jnp.float32),
-                                                                       batch["fixed"]))
-        loss = consistency + ar_weight * ar
-        return loss, {"consistency": consistency, "ar": ar}
+        metrics = {"consistency": consistency}
+        ar_logits, labels = fixed_logits, batch["fixed"]
+        if mixed_delta is not None:
+            truth = batch["truth"]
+            off = jnp.mean((truth != batch["fixed"]).astype(jnp.float32), axis=1)
+            use = jnp.all(truth >= 0, axis=1) & (off > mixed_delta)  # [B]
+            seq = jnp.where(use[:, None], jnp.concatenate([batch["truth_context"], jnp.maximum(truth, 0)], axis=1),
+                            jnp.concatenate([ctx, batch["fixed"]], axis=1))
+            ar_logits = padded_logits(model, params, seq, jnp.where(use, batch["truth_pad"], pad), at)
+            labels = jnp.where(use[:, None], truth, batch["fixed"])
+            metrics["truth_frac"] = jnp.mean(use.astype(jnp.float32))
+        ar = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(ar_logits.astype(jnp.float32), labels))
+        metrics["ar"] = ar
+        return consistency + ar_weight * ar, metrics
 
     return loss_fn

@@ -23,6 +23,11 @@ from decodax.decoding.state import DecodeState
 __all__ = ["NgramInit", "PadInit", "RandomInit", "RepeatLast", "WindowInit"]
 
 
+def _check_int(owner: str, name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{owner}: {name} must be an int >= {low}, got {value!r}")
+
+
 class WindowInit:
     """Base class: ``__call__(state, key, n) -> int32[B, n]``."""
 
@@ -37,8 +42,7 @@ class RandomInit(WindowInit):
     vocab_size: int
 
     def __post_init__(self):
-        if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) or self.vocab_size < 1:
-            raise ValueError(f"RandomInit: vocab_size must be an int >= 1, got {self.vocab_size!r}")
+        _check_int("RandomInit", "vocab_size", self.vocab_size, 1)
 
     def __call__(self, state, key, n):
         b = state.last_token.shape[0]
@@ -60,8 +64,7 @@ class PadInit(WindowInit):
     token: int
 
     def __post_init__(self):
-        if isinstance(self.token, bool) or not isinstance(self.token, int) or self.token < 0:
-            raise ValueError(f"PadInit: token must be an int >= 0, got {self.token!r}")
+        _check_int("PadInit", "token", self.token, 0)
 
     def __call__(self, state, key, n):
         return jnp.full((state.last_token.shape[0], n), self.token, jnp.int32)
@@ -76,8 +79,7 @@ class NgramInit(WindowInit):
     ngram: int = 2
 
     def __post_init__(self):
-        if isinstance(self.ngram, bool) or not isinstance(self.ngram, int) or self.ngram < 1:
-            raise ValueError(f"NgramInit: ngram must be an int >= 1, got {self.ngram!r}")
+        _check_int("NgramInit", "ngram", self.ngram, 1)
 
     def __call__(self, state, key, n):
         from decodax.speculative.drafters import prompt_lookup

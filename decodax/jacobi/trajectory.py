@@ -15,7 +15,7 @@ import numpy as np
 
 from decodax import sampling
 from decodax.decoding.driver import pad_prompts
-from decodax.jacobi.decoder import jacobi, jacobi_drafter
+from decodax.jacobi.decoder import fed_window, jacobi, jacobi_drafter
 from decodax.jacobi.init import RandomInit, WindowInit
 
 __all__ = ["Trajectory", "jacobi_trajectory", "plot_trajectory"]
@@ -45,11 +45,7 @@ def jacobi_trajectory(model, params, prompt: list[int], *, window: int, max_new_
     state = dec.init(params, jnp.asarray(tokens), jnp.asarray(lengths), key if key is not None else jax.random.key(0),
                      max_new_tokens=max_new_tokens, capacity=capacity)
 
-    @jax.jit
-    def window_of(state):  # the guesses the next step feeds (the decoder's own key split)
-        k_draft = jax.random.split(state.key, 3)[1]
-        return drafter.propose(params, state, state.extra, k_draft, k=window, sampler=sampler).tokens
-
+    window_of = jax.jit(lambda state: fed_window(drafter, params, state, window=window, sampler=sampler))
     step = jax.jit(dec.step)
     start, guesses, accepted = [], [], []
     while int(state.num_generated[0]) < max_new_tokens:

@@ -20,7 +20,8 @@ __all__ = ["speculative"]
 
 
 def speculative(model, drafter: Drafter, *, k: int, sampler: sampling.Sampler | None = None,
-                verifier=None, skip_empty: bool = True, widths: tuple[int, ...] | None = None) -> Decoder:
+                verifier=None, skip_empty: bool = True, widths: tuple[int, ...] | None = None,
+                relaxed=None) -> Decoder:
     """Chain speculative decoding (Leviathan et al. 2023, Algorithm 1; Chen et al.
     2023, Algorithm 2): every step the drafter proposes ``k`` tokens per row, one
     target forward scores ``[last_token, d_1 .. d_k]`` (``T = k + 1``) and the
@@ -44,6 +45,12 @@ def speculative(model, drafter: Drafter, *, k: int, sampler: sampling.Sampler | 
     smallest width covering the longest active draft (``lax.switch``, one
     compiled forward per width) instead of always ``T = k + 1``.
 
+    ``relaxed`` (greedy only; *lossy*): ``relaxed(dstate, w) -> int32[B]``, a number
+    of leading drafts a row accepts whatever the verifier says (e.g. CEED-VLA's
+    early exit, :class:`~decodax.jacobi.EarlyExit`); the row keeps
+    ``max(verified, relaxed)`` drafts plus the target's token after them, so every
+    emitted token was fed and the KV cache stays consistent.
+
     Memoised on its (hashable) arguments, so ``generate`` reuses compilations.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -61,7 +68,9 @@ def speculative(model, drafter: Drafter, *, k: int, sampler: sampling.Sampler | 
     if widths[0] < 1 or widths[-1] != k:
         raise ValueError(f"speculative: widths must lie in [1, k] and include k = {k}, got {widths}")
     sampler = sampler or sampling.make_sampler(temperature=0.0)
-    return _speculative(model, drafter, k, sampler, verifier, bool(skip_empty), widths)
+    if relaxed is not None and not sampler.is_greedy:
+        raise ValueError("speculative: a relaxed (lossy) acceptance is defined for greedy decoding only")
+    return _speculative(model, drafter, k, sampler, verifier, bool(skip_empty), widths, relaxed)
 
 
 def _draft_context(ctx, mask, drafts):
@@ -78,7 +87,7 @@ def _draft_context(ctx, mask, drafts):
 
 @functools.lru_cache(maxsize=64)
 def _speculative(model, drafter: Drafter, k: int, sampler: sampling.Sampler, verifier, skip_empty: bool,
-                 widths: tuple[int, ...]) -> Decoder:
+                 widths: tuple[int, ...], relaxed=None) -> Decoder:
     greedy = sampler.is_greedy
     verify_fn = verifier or verify_sampling
 
@@ -120,6 +129,9 @@ def _speculative(model, drafter: Drafter, k: int, sampler: sampling.Sampler, ver
         target = target_probs_or_logits(out.logits, state, drafts)
         if greedy:
             accepted, nxt = verify_greedy(drafts, target)
+            if relaxed is not None:
+                accepted = jnp.clip(jnp.maximum(accepted, relaxed(prop.dstate, w)), 0, w)
+                nxt = jnp.take_along_axis(jnp.argmax(target, axis=-1), accepted[:, None], axis=1)[:, 0]
         else:
             accepted, nxt = verify_fn(drafts, None if prop.probs is None else prop.probs[:, :w], target, k_verify)
         new = jnp.concatenate([drafts, jnp.zeros((b, k + 1 - w), jnp.int32)], axis=1)

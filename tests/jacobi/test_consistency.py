@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from decodax.decoding import autoregressive, generate
 from decodax.jacobi import RandomInit, RepeatLast, jacobi
@@ -68,13 +69,13 @@ def test_loss_terms():
     model, params = _model()
     s = collect_jacobi_samples(model, params, PROMPTS, window=4, max_new_tokens=12, init=RandomInit(97), context=12)
     batch = {k: jnp.asarray(v) for k, v in s._asdict().items()}
-    loss_fn = consistency_loss(model, ar_weight=0.0)
+    loss_fn = jax.jit(consistency_loss(model, ar_weight=0.0))
     loss, m = loss_fn(params, batch, None)
     assert float(m["consistency"]) > 0.0 and float(m["ar"]) > 0.0
     same = dict(batch, guess=batch["fixed"])
     loss0, m0 = loss_fn(params, same, None)
     assert abs(float(m0["consistency"])) < 1e-5
-    grads = jax.grad(lambda p: loss_fn(p, same, None)[0])(params)
+    grads = jax.jit(jax.grad(lambda p: loss_fn(p, same, None)[0]))(params)
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) < 1e-5  # the teacher branch is stopped
 
 
@@ -95,3 +96,39 @@ def test_training_on_own_trajectories_raises_tokens_per_iteration():
           f"tau {before.tau.mean():.2f} -> {after.tau.mean():.2f}")
     assert float(m["consistency"]) < 0.5 * first
     assert after.tau.mean() > before.tau.mean()
+
+
+def test_mixed_label_supervision():
+    """CEED-VLA's mixed labels: a sample takes the reference's labels (teacher-forced on the
+    reference prefix) for the AR term exactly when its fixed point departs from the
+    reference at more than δ_max of the window."""
+    model, params = _model()
+    n, new, c = 4, 12, 16
+    greedy = generate(autoregressive(model), params, PROMPTS, max_new_tokens=new).rows()
+    rng = np.random.default_rng(0)
+    noise = [rng.integers(1, 97, new).tolist() for _ in PROMPTS]
+    s = collect_jacobi_samples(model, params, PROMPTS, window=n, max_new_tokens=new, init=RandomInit(97),
+                               context=c, references=noise)
+    for i in range(len(s.pad)):  # the truth fields are the reference at the window's offset
+        seq = s.truth_context[i, s.truth_pad[i]:].tolist() + s.truth[i].tolist()
+        assert any(_is_sub(seq, p + r) for p, r in zip(PROMPTS, noise)), i
+    batch = {k: jnp.asarray(v) for k, v in s._asdict().items()}
+    plain = jax.jit(consistency_loss(model))(params, batch, None)[1]
+    never = jax.jit(consistency_loss(model, mixed_delta=1.0))(params, batch, None)[1]
+    mixed = jax.jit(consistency_loss(model, mixed_delta=0.0))
+    always = mixed(params, batch, None)[1]
+    assert float(never["truth_frac"]) == 0.0 and abs(float(never["ar"]) - float(plain["ar"])) < 1e-5
+    assert float(always["truth_frac"]) == 1.0  # random references differ everywhere
+    logits = padded_logits(model, params, jnp.concatenate([batch["truth_context"], batch["truth"]], axis=1),
+                           batch["truth_pad"])[:, c - 1:c + n - 1]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["truth"]).mean()
+    assert abs(float(always["ar"]) - float(ce)) < 1e-4
+    own = collect_jacobi_samples(model, params, PROMPTS, window=n, max_new_tokens=new, init=RandomInit(97),
+                                 context=c, references=greedy)
+    m = mixed(params, {k: jnp.asarray(v) for k, v in own._asdict().items()}, None)[1]
+    assert float(m["truth_frac"]) == 0.0  # the teacher agrees with a reference that is its own output
+    with pytest.raises(ValueError, match="mixed_delta"):
+        consistency_loss(model, mixed_delta=1.5)
+    with pytest.raises(ValueError, match="references"):
+        collect_jacobi_samples(model, params, PROMPTS, window=n, max_new_tokens=new, init=RandomInit(97), context=c,
+                               references=noise[:1])

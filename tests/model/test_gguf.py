@@ -275,8 +275,8 @@ def test_read_gguf_matches_gguf_reader(tiny_path):
 
 def test_tiny_logits_match_transformers(tiny_path):
     """End to end on random weights of every type: the un-permuted Q/K give HF's rotate-half RoPE."""
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
+    pytest.importorskip("torch", reason="PyTorch (HF oracle backend) not installed (pip install -e '.[dev]')")
+    pytest.importorskip("transformers", reason="HF transformers oracle not installed (optional backend; pip install -e '.[dev]')")
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
