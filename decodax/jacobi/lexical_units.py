@@ -195,7 +195,6 @@ def lud_loss(model: Model, *, context: int, ar_weight: float = 1.0):
     def loss_fn(params, batch, key):
         del key
         toks, pad = batch["tokens"], batch["pad"]
-        b, width = toks.shape
         logits = padded_logits(model, params, toks, pad).astype(jnp.float32)  # [B, C + k, V]
         unit = logits[:, context - 1:]  # last context token, then the k placeholders
         ce = optax.softmax_cross_entropy_with_integer_labels(unit, batch["labels"])
