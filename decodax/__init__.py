@@ -1,6 +1,6 @@
 """decodax: accelerated and controlled decoding as pure, composable JAX transforms."""
 
-from decodax import jacobi, speculative
+from decodax import jacobi, speculative, strategies
 from decodax.decoding import Decoder, DecodeState, GenerateOutput, autoregressive, generate
 from decodax.methods import make_decoder, register
 from decodax.model.cache import KVCache, commit, gather, init_cache, rollback
@@ -17,5 +17,6 @@ __all__ = [
     "Decoder", "DecodeState", "GenerateOutput", "KVCache", "Model", "ModelConfig", "ModelOutput",
     "Sampler", "Tokenizer", "autoregressive", "commit", "default_model_path", "gather",
     "generate", "init_cache", "load_default", "load_gguf", "make_decoder", "make_sampler",
-    "jacobi", "register", "rollback", "sample", "sample_with", "speculative", "tiny_config",
+    "jacobi", "register", "rollback", "sample", "sample_with", "speculative", "strategies",
+    "tiny_config",
 ]

@@ -59,6 +59,8 @@ def cmd_bench(args) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, params, tok = load_default(packed=args.weights == "packed")
+    if args.kv_caches:
+        return _bench_kv_caches(args, model, params, tok, out_dir)
     prompts = load_questions(args.questions, args.limit)
     encoded = [encode_prompt(tok, p.text, chat=not args.no_chat) for p in prompts]
     sampler = _sampler(args)
@@ -103,6 +105,25 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _bench_kv_caches(args, model, params, tok, out_dir: Path) -> int:
+    """``decodax bench --kv-caches``: WikiText-2 perplexity over compressed KV caches (paired with float)."""
+    from decodax.bench.kv_cache import kv_cache_markdown, kv_cache_table, wikitext_windows
+
+    names = [n.strip() for n in args.kv_caches.split(",") if n.strip()]
+    windows = wikitext_windows(tok, args.context, args.kv_windows)
+    calib = wikitext_windows(tok, args.context, 1, split="valid")
+    prefill = args.context // 2
+    with console.status("KV caches") as status:
+        rows = kv_cache_table(model, params, windows, names, prefill=prefill, calibration=calib,
+                              progress=lambda name: status.update(f"KV cache {name}"))
+    text = (f"# decodax bench --kv-caches\n\nWikiText-2 test, {len(windows)} windows of {args.context} tokens, "
+            f"the last {args.context - prefill} of each scored over the cache (chunks of 32); KVQuant calibrated "
+            f"on WikiText-2 valid. jax {jax.__version__} on {jax.devices()[0].platform}\n\n" + kv_cache_markdown(rows))
+    (out_dir / "kv_cache.md").write_text(text)
+    console.print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="decodax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -134,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=1, help="prompts per call (ragged batch); tokens/s = throughput")
     b.add_argument("--compare-hf", action="store_true", help="add HF transformers rows (batch 1)")
     b.add_argument("--step-costs", action="store_true", help="add the T=1..16 step-cost curve")
+    b.add_argument("--kv-caches", default=None,
+                   help="KV-cache mode: comma-separated caches (int8,int4,kivi4,kivi2,kvquant4,kvquant3,kvquant2,"
+                        "gear4,gear2); WikiText-2 perplexity vs the float cache, bytes per token")
+    b.add_argument("--kv-windows", type=int, default=4, help="KV-cache mode: WikiText-2 windows")
+    b.add_argument("--context", type=int, default=1024, help="KV-cache mode: window length")
     b.add_argument("--float32-baseline", action="store_true",
                    help="with packed weights: add an `ar-f32` row (the same weights as float32 arrays)")
     sampling_flags(b, 0.0)

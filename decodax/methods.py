@@ -244,3 +244,100 @@ def _lookahead_factory(model, params, sampler):
 
 register("jacobi", _jacobi_factory)
 register("lookahead", _lookahead_factory)
+
+
+# Quality-oriented strategies (decodax.strategies); both deterministic, the sampler is not used.
+# Beam search: width 4, HF's defaults (length_penalty 1.0, early_stopping False), the model's EOS.
+# Contrastive search (Su et al. 2022): HF's example values top_k = 4, penalty_alpha = 0.6.
+BEAM_WIDTH = 4
+CONTRASTIVE_K, CONTRASTIVE_ALPHA = 4, 0.6
+
+
+def _beam_factory(model, params, sampler):
+    from decodax.strategies import beam_search
+
+    return beam_search(model, BEAM_WIDTH)
+
+
+def _contrastive_factory(model, params, sampler):
+    from decodax.strategies import contrastive_search
+
+    return contrastive_search(model, k=CONTRASTIVE_K, alpha=CONTRASTIVE_ALPHA)
+
+
+register("beam", _beam_factory)
+register("contrastive", _contrastive_factory)
+
+
+# Contrastive decoding (Li et al. 2023): alpha = 0.1 (the paper's), greedy over the score (a
+# sampling sampler samples from it); the amateur is the target's own first 8 of 30 layers + final
+# norm + LM head (an early exit read off the expert's forward: one forward per token). Layer 8
+# (~1/4 of the depth, as "ee-draft") is a guess, not tuned. USCD needs the caller's lame prompts
+# (decodax.strategies.with_lame_prompts), so it is not registered.
+# Momentum decoding (Lan et al. 2022): the authors' k = 5, alpha = 0.2 and resistance table.
+CD_EXIT_LAYER, CD_ALPHA = 8, 0.1
+
+
+def _contrastive_decoding_factory(model, params, sampler):
+    from decodax.strategies import contrastive_decoding
+
+    return contrastive_decoding(model, exit_layer=min(CD_EXIT_LAYER, model.config.n_layers - 1), alpha=CD_ALPHA,
+                                sampler=sampler)
+
+
+def _momentum_factory(model, params, sampler):
+    from decodax.strategies import momentum
+
+    return momentum(model)
+
+
+register("contrastive-decoding", _contrastive_decoding_factory)
+register("momentum", _momentum_factory)
+
+
+# Entropy-gated strategies (decodax.strategies.cautious / adadec / entropy_adaptive).
+# CNTP (Wang et al. 2025): the authors' H_low = 0.01, H_high = 1.5, N_max = 10 and punctuation set
+# (SmolLM2's ids; none for another vocabulary); trials capped at 16 tokens (ours). CNTP samples: a
+# greedy sampler (the CLI default) is replaced by temperature 0.8 / top-p 0.95 (the authors' scripts).
+# AdaDec (He et al. 2025): threshold 1.0 nats is a placeholder inside the range the authors learned for
+# their models (0.62 .. 1.32); fit SmolLM2's with adadec.fit_threshold(*adadec.entropy_labels(...)).
+# k = 3 candidates and a 5-token lookahead are guesses, not tuned.
+# EAD: the target's first 20 of 30 layers as the small model; the large model takes a token when the mean
+# entropy of the last 4 small-model distributions is >= 0.5 nats. Measured here (CPU, SmolLM2, two
+# prompts, teacher-forced text of 96 tokens): the raw early exits agree with the full model's argmax on
+# only 5% (layer 8) .. 20% (layer 20) of positions and their entropies sit low (median ~1.1 nats), so at
+# exit 8 / threshold 2.0 the large model never ran and the text degenerated; at exit 20 the thresholds
+# 0 / 0.5 / 1.0 / 1.5 gave 100% / ~85% / ~60% / ~5% large-model tokens, with coherent text only near
+# the top. A trained small model would do better; these values are not tuned beyond that.
+CNTP_ENTROPY, CNTP_TRIALS, CNTP_TRIAL_LEN = (0.01, 1.5), 10, 16
+ADADEC_THRESHOLD, ADADEC_K, ADADEC_LOOKAHEAD = 1.0, 3, 5
+EAD_EXIT_LAYER, EAD_THRESHOLD, EAD_WINDOW = 20, 0.5, 4
+
+
+def _cntp_factory(model, params, sampler):
+    from decodax.strategies.cautious import CNTP_PUNCTUATION_SMOLLM2, cautious
+
+    if sampler.is_greedy:
+        sampler = sampling.make_sampler(temperature=0.8, top_p=0.95)
+    punct = CNTP_PUNCTUATION_SMOLLM2 if model.config.vocab_size == 49152 else ()
+    low, high = CNTP_ENTROPY
+    return cautious(model, entropy_low=low, entropy_high=high, max_trials=CNTP_TRIALS,
+                    max_trial_len=CNTP_TRIAL_LEN, punctuation=punct, sampler=sampler)
+
+
+def _adadec_factory(model, params, sampler):
+    from decodax.strategies.adadec import adadec
+
+    return adadec(model, ADADEC_THRESHOLD, k=ADADEC_K, lookahead=ADADEC_LOOKAHEAD)
+
+
+def _ead_factory(model, params, sampler):
+    from decodax.strategies.entropy_adaptive import entropy_adaptive
+
+    return entropy_adaptive(model, exit_layer=max(1, min(EAD_EXIT_LAYER, model.config.n_layers - 1)),
+                            threshold=EAD_THRESHOLD, window=EAD_WINDOW, sampler=sampler)
+
+
+register("cntp", _cntp_factory)
+register("adadec", _adadec_factory)
+register("ead", _ead_factory)

@@ -154,6 +154,26 @@ def _decode_partials(q, k_cache, v_cache, lengths, *, scale, block_k, split_len,
     return o[..., :m_rows, :d], m[..., :m_rows, 0], l[..., :m_rows, 0]
 
 
+def decode_partials(
+    q: Float[Array, "B KV M D"],
+    k_cache: Float[Array, "B KV S D"],
+    v_cache: Float[Array, "B KV S D"],
+    lengths: Int[Array, " B"],
+    *,
+    scale: float,
+    block_k: int = 128,
+    num_splits: int = 8,
+    interpret: bool | None = None,
+) -> tuple[Float[Array, "B KV N M D"], Float[Array, "B KV N M"], Float[Array, "B KV N M"]]:
+    """Flash-decoding's split-K partials ``(acc, m, l)`` for queries already grouped by KV head
+    (row ``m = t * G + g``), to be merged with other partials by :func:`combine_partials`
+    (``Model.apply`` adds the new tokens' own block as one more partial)."""
+    block_k, split_len, n_splits = _split_plan(k_cache.shape[2], block_k, num_splits)
+    interpret = default_interpret() if interpret is None else bool(interpret)
+    return _decode_partials(q, k_cache, v_cache, lengths, scale=float(scale), block_k=block_k,
+                            split_len=split_len, n_splits=n_splits, interpret=interpret)
+
+
 def _split_plan(s_cap: int, block_k: int, num_splits: int) -> tuple[int, int, int]:
     block_k = max(16, min(block_k, _next_pow2(s_cap)))
     n_kblocks = -(-s_cap // block_k)

@@ -528,35 +528,58 @@ def _quant_impl(
     g = h // kvh
     # Group the G query heads of each KV head: row index m = t * G + g.
     qg = q.reshape(b, t, kvh, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kvh, t * g, d)
+    o = combine_partials(*_all_partials(
+        qg, packed, n_quant, recent, scale=scale, bits=bits, group=group, block_k=block_k,
+        split_len=split_len, n_splits=n_splits, recent_plan=recent_plan, interpret=interpret,
+    ))  # [B, KV, T*G, D]
+    o = o.reshape(b, kvh, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
+    return o.astype(q.dtype)
+
+
+def _all_partials(
+    qg, packed, n_quant, recent, *, scale, bits, group, block_k, split_len, n_splits, recent_plan,
+    interpret,
+):  # fmt: skip
+    """Partials of the quantized splits, then of the recent window's own split(s)."""
     o_part, m_part, l_part = _quant_partials(
-        qg,
-        packed,
-        n_quant,
-        scale=scale,
-        bits=bits,
-        group=group,
-        block_k=block_k,
-        split_len=split_len,
-        n_splits=n_splits,
-        interpret=interpret,
+        qg, packed, n_quant, scale=scale, bits=bits, group=group, block_k=block_k,
+        split_len=split_len, n_splits=n_splits, interpret=interpret,
     )
     if recent_plan is not None:  # the full-precision window: decode_attention's own partials
         rk, r_split, r_n = recent_plan
         k_recent, v_recent, n_recent = recent
         o_r, m_r, l_r = _decode_partials(
-            qg,
-            k_recent,
-            v_recent,
-            n_recent,
-            scale=scale,
-            block_k=rk,
-            split_len=r_split,
-            n_splits=r_n,
-            interpret=interpret,
+            qg, k_recent, v_recent, n_recent, scale=scale, block_k=rk, split_len=r_split,
+            n_splits=r_n, interpret=interpret,
         )
         o_part = jnp.concatenate([o_part, o_r], axis=2)
         m_part = jnp.concatenate([m_part, m_r], axis=2)
         l_part = jnp.concatenate([l_part, l_r], axis=2)
-    o = combine_partials(o_part, m_part, l_part)  # [B, KV, T*G, D]
-    o = o.reshape(b, kvh, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
-    return o.astype(q.dtype)
+    return o_part, m_part, l_part
+
+
+def quant_decode_partials(
+    qg: Float[Array, "B KV M D"],
+    packed: tuple[Array, ...],
+    n_quant: Int[Array, " B"],
+    recent: tuple[Array, Array, Array],
+    *,
+    bits: int,
+    group: int,
+    scale: float,
+    block_k: int = 64,
+    num_splits: int = 8,
+    interpret: bool | None = None,
+) -> tuple[Array, Array, Array]:
+    """:func:`quant_decode_attention`'s split-K partials ``(acc, m, l)`` for queries already
+    grouped by KV head, ``packed = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)``,
+    ``recent = (k_recent, v_recent, n_recent)``; merge with :func:`combine_partials`."""
+    b, kvh, m_rows, d = qg.shape
+    _, s_cap, r = _check_inputs(qg.reshape(b, m_rows, kvh, d), packed, n_quant, recent, bits, group)
+    bk, split_len, n_splits = _quant_split_plan(s_cap, group, block_k, num_splits)
+    interpret = default_interpret() if interpret is None else bool(interpret)
+    return _all_partials(
+        qg, packed, n_quant, recent, scale=float(scale), bits=bits, group=group, block_k=bk,
+        split_len=split_len, n_splits=n_splits, recent_plan=_split_plan(r, block_k, 1) if r else None,
+        interpret=interpret,
+    )

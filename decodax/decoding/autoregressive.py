@@ -44,21 +44,23 @@ def emit(state: DecodeState, new: jax.Array, count: jax.Array) -> DecodeState:
     )
 
 
-def prefill(model, params, prompt, prompt_len, key, *, sampler, max_new_tokens, capacity,
-            max_step_tokens=1, extra=None, with_hidden=False):
-    """Run the prompt through the model, commit it, and sample the first token.
-
-    Returns the ``DecodeState``, or ``(state, hidden[B, P, D])`` with ``with_hidden``
-    (drafters that learn from the prompt's logits use it)."""
+def run_prompt(model, params, prompt, prompt_len, capacity):
+    """Prefill the prompts into a fresh ``model.init_cache`` and commit them: ``(out, cache)``,
+    ``out.logits[:, 0]`` the last prompt token's logits."""
     b, p = prompt.shape
-    cache = kv.init_cache(model.config, b, capacity)
+    cache = model.init_cache(b, capacity)
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     out = model.apply(params, prompt, positions, cache, logits_at=(prompt_len - 1)[:, None],
                       empty_cache=True)
-    cache = kv.commit(out.cache, prompt_len)
-    key, sub = jax.random.split(key)
-    state = DecodeState(
-        tokens=jnp.zeros((b, max_new_tokens + max_step_tokens), jnp.int32),
+    return out, kv.commit(out.cache, prompt_len)
+
+
+def initial_state(prompt, prompt_len, cache, key, *, width: int, extra=None) -> DecodeState:
+    """A ``DecodeState`` after the prefill: nothing emitted, one forward counted, an output
+    buffer of ``width`` tokens."""
+    b = prompt.shape[0]
+    return DecodeState(
+        tokens=jnp.zeros((b, width), jnp.int32),
         num_generated=jnp.zeros((b,), jnp.int32),
         done=jnp.zeros((b,), bool),
         cache=cache,
@@ -70,6 +72,18 @@ def prefill(model, params, prompt, prompt_len, key, *, sampler, max_new_tokens, 
         steps=jnp.zeros((), jnp.int32),
         extra=extra,
     )
+
+
+def prefill(model, params, prompt, prompt_len, key, *, sampler, max_new_tokens, capacity,
+            max_step_tokens=1, extra=None, with_hidden=False):
+    """Run the prompt through the model, commit it, and sample the first token.
+
+    Returns the ``DecodeState``, or ``(state, hidden[B, P, D])`` with ``with_hidden``
+    (drafters that learn from the prompt's logits use it)."""
+    b = prompt.shape[0]
+    out, cache = run_prompt(model, params, prompt, prompt_len, capacity)
+    key, sub = jax.random.split(key)
+    state = initial_state(prompt, prompt_len, cache, key, width=max_new_tokens + max_step_tokens, extra=extra)
     ctx, mask = context_of(state)
     first = sampling.sample_with(sampler, out.logits[:, 0], sub, context=ctx, context_mask=mask)
     state = emit(state, first[:, None].astype(jnp.int32), jnp.ones((b,), jnp.int32))

@@ -66,7 +66,10 @@ def _stop_table(stop_sequences: Sequence[Sequence[int]]) -> np.ndarray:
 
 def _finish(state: DecodeState, before: DecodeState, eos: Array, stops: Array, n_max: int,
             window: int) -> DecodeState:
-    """Per-row EOS / stop-sequence / length handling of the tokens one step appended."""
+    """Per-row EOS / stop-sequence / length handling of the tokens one step appended.
+
+    Rows the decoder marked ``done`` itself stay done (their tokens and length are
+    the decoder's)."""
     was_done = before.done
     start = before.num_generated
     n_new = jnp.where(was_done, start, state.num_generated)
@@ -87,7 +90,8 @@ def _finish(state: DecodeState, before: DecodeState, eos: Array, stops: Array, n
     stopped = jnp.any(hit, axis=1)
     n_new = jnp.where(stopped, start + first + 1, n_new)
     n_new = jnp.minimum(n_new, n_max)
-    done = was_done | stopped | (n_new >= n_max)
+    # A decoder may finish a row itself (beam search: the row's best hypothesis is final).
+    done = was_done | state.done | stopped | (n_new >= n_max)
     return dataclasses.replace(state, num_generated=n_new, done=done)
 
 

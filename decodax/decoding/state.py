@@ -44,6 +44,12 @@ class Decoder(NamedTuple):
         -> DecodeState   (prefill; emits the first token)
     step(params, state) -> state   (emits >= 1 token for every row not done)
 
+    ``init`` may also emit nothing (beam and contrastive search pick the first
+    token in their first step: ``max_new_tokens`` steps still suffice). A
+    decoder may finish a row itself by setting ``done[b]`` (beam search does
+    when its best hypothesis is final; it then rewrites the row's tokens and
+    length); the driver keeps such a row done.
+
     ``model`` (the target ``Model``) lets the driver validate inputs before
     tracing; ``max_step_tokens`` bounds the tokens one step may emit, which
     sizes the output buffer and the cache slack.

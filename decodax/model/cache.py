@@ -1,4 +1,9 @@
-"""Static-capacity KV cache with per-row lengths, commit, rollback and gather."""
+"""Static-capacity KV cache with per-row lengths, commit, rollback and gather.
+
+``write``, ``gather``, ``take_rows`` and ``first_layers`` also take a compressed cache
+(:class:`decodax.kvquant.cache.QuantKVCache`), which implements them itself;
+``commit`` and ``rollback`` only move ``length`` on either.
+"""
 
 from __future__ import annotations
 
@@ -42,6 +47,10 @@ class KVCache:
     def num_layers(self) -> int:
         return self.k.shape[0]
 
+    @property
+    def dtype(self):
+        return self.k.dtype
+
 
 def init_cache(
     config: ModelConfig, batch: int, capacity: int, dtype: Any = jnp.float32
@@ -69,6 +78,8 @@ def write(
     (early-exit forwards write only the layers they ran). Slots past the
     capacity are dropped.
     """
+    if not isinstance(cache, KVCache):  # a compressed cache (decodax.kvquant.cache)
+        return cache.write(k_new, v_new)
     n_layers, _, t = k_new.shape[:3]
     slots = cache.length[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
     rows = jnp.arange(cache.batch, dtype=jnp.int32)[:, None]
@@ -104,6 +115,8 @@ def gather(cache: KVCache, src: Int[Array, "B P"], count: Int[Array, " B"]) -> K
     ``length[b] + i`` and committed. Used after tree verification (SpecInfer,
     Medusa, EAGLE), where the accepted nodes are scattered among the tree slots.
     """
+    if not isinstance(cache, KVCache):
+        return cache.gather(src, count)
     p = src.shape[1]
     rows = jnp.arange(cache.batch, dtype=jnp.int32)[:, None]
     base = cache.length[:, None]
@@ -117,6 +130,20 @@ def gather(cache: KVCache, src: Int[Array, "B P"], count: Int[Array, " B"]) -> K
 
     moved = dataclasses.replace(cache, k=move(cache.k), v=move(cache.v))
     return commit(moved, count)
+
+
+def take_rows(cache: KVCache, rows: Int[Array, " R"]) -> KVCache:
+    """Cache rows ``rows`` (a gather on the batch axis; beam search reorders beams with it)."""
+    if not isinstance(cache, KVCache):
+        return cache.take_rows(rows)
+    return dataclasses.replace(cache, k=cache.k[:, rows], v=cache.v[:, rows], length=cache.length[rows])
+
+
+def first_layers(cache: KVCache, n: int) -> KVCache:
+    """The cache of the first ``n`` layers (an early-exit draft writes only those)."""
+    if not isinstance(cache, KVCache):
+        return cache.first_layers(n)
+    return dataclasses.replace(cache, k=cache.k[:n], v=cache.v[:n])
 
 
 def check_capacity(cache_capacity: int, needed: int, what: str = "sequence") -> None:

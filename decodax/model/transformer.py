@@ -10,12 +10,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from decodax.kernels import PackedWeight, bmm, linear, take_rows
+from decodax.kernels import PackedWeight, linear, take_rows
 from decodax.model import cache as kv
+from decodax.model.attention import attend, resolve_attention
 from decodax.model.config import ModelConfig
-
-NEG_INF = -1e30
-
+from decodax.model.rope import rotate
 
 class ModelOutput(NamedTuple):
     logits: Float[Array, "B T V"] | None
@@ -32,23 +31,17 @@ def rms_norm(x: Array, weight: Array, eps: float) -> Array:
 
 def rope(x: Float[Array, "B T H D"], positions: Int[Array, "B T"], theta: float) -> Array:
     """Rotary position embedding (Su et al., 2021), rotate-half (HF/NeoX) layout."""
-    half = x.shape[-1] // 2
-    freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
-    angle = positions.astype(jnp.float32)[..., None] * freq  # [B, T, half]
-    cos = jnp.cos(angle)[:, :, None, :]
-    sin = jnp.sin(angle)[:, :, None, :]
-    x1, x2 = x[..., :half], x[..., half:]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    return rotate(x, positions[:, :, None], theta)
 
 
 class Block(nn.Module):
     """One pre-norm decoder layer: x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x)).
 
-    Attention reads the committed cache (slots < ``cache_len`` of layer
-    ``layer`` of the stacked ``[L, B, kv_heads, S, head_dim]`` arrays, or no
-    cache when ``cache_k`` is None) and the T new tokens (pairs allowed by
-    ``attn_mask``) under one softmax, so new keys/values never need to be
-    written before they are used. Q/K/V and gate/up projections are fused
+    Attention reads the committed cache (slots < ``cache.length`` of layer
+    ``layer``; a float ``KVCache``, a compressed ``QuantKVCache``, or None for
+    no cache) and the T new tokens (pairs allowed by ``attn_mask``) under one
+    softmax (:func:`decodax.model.attention.attend`, implementation
+    ``attention``), so new keys/values never need to be written before they are used. Q/K/V and gate/up projections are fused
     (``wqkv``, ``w_gate_up``): fewer, larger matrix-vector products. Weights are
     stored ``[out, in]`` (the GGUF / ``torch.nn.Linear`` layout), as float
     arrays or as GGUF blocks (:class:`decodax.kernels.PackedWeight`), and applied
@@ -69,7 +62,7 @@ class Block(nn.Module):
         return self.param(name, nn.initializers.normal(0.02), shape)
 
     @nn.compact
-    def __call__(self, x, positions, cache_k, cache_v, cache_len, attn_mask, layer=0):
+    def __call__(self, x, positions, cache, attn_mask, layer=0, attention="xla"):
         c = self.config
         d, hd, h, kvh = c.dim, c.head_dim, c.n_heads, c.n_kv_heads
         attn_norm = self.param("attn_norm", nn.initializers.ones, (d,))
@@ -88,26 +81,7 @@ class Block(nn.Module):
 
         # Queries grouped by KV head: [B, K, T*G, hd] (GQA without repeating K/V).
         q = (q * hd**-0.5).reshape(b, t, kvh, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, kvh, t * g, hd)
-        sn = jnp.einsum("bkmd,bukd->bkmu", q, k)
-        sn = jnp.where(jnp.repeat(attn_mask, g, axis=1)[:, None], sn, NEG_INF)
-        if cache_k is None:
-            pn = jnp.exp(sn - sn.max(-1, keepdims=True))
-            o = jnp.einsum("bkmu,bukd->bkmd", pn / pn.sum(-1, keepdims=True), v)
-        else:
-            # cache_k/v: the whole [L, B, K, S, hd] cache, layer ``layer`` read in place.
-            s_len = cache_k.shape[3]
-            stacked = lambda c: c.reshape(c.shape[0], b * kvh, s_len, hd)
-            sc = bmm(q.reshape(b * kvh, t * g, hd), stacked(cache_k), transposed=True,
-                     w_index=layer, lengths=cache_len)
-            sc = sc.reshape(b, kvh, t * g, s_len)  # [B, K, M, S]
-            live = jnp.arange(s_len)[None, :] < cache_len[:, None]
-            sc = jnp.where(live[:, None, None, :], sc, NEG_INF)
-            m = jnp.maximum(sc.max(-1, keepdims=True), sn.max(-1, keepdims=True))
-            pc, pn = jnp.exp(sc - m), jnp.exp(sn - m)
-            denom = pc.sum(-1, keepdims=True) + pn.sum(-1, keepdims=True)
-            pv = bmm((pc / denom).reshape(b * kvh, t * g, s_len), stacked(cache_v), transposed=False,
-                     w_index=layer, lengths=cache_len)
-            o = pv.reshape(b, kvh, t * g, hd) + jnp.einsum("bkmu,bukd->bkmd", pn / denom, v)
+        o = attend(q, k, v, attn_mask, cache, layer, attention)
         o = o.reshape(b, kvh, t, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, t, h * hd)
         x = x + linear(o, wo)
 
@@ -140,11 +114,22 @@ def split_layer(layer: dict, config: ModelConfig) -> dict:
 class Model:
     """A LLaMA-family decoder: ``init`` makes params, ``apply`` is the one pure forward.
 
-    Hashable (it only holds the static config), so it can be passed to
-    ``jax.jit`` as a static argument and closed over by decoders.
+    Hashable (it only holds the static config and cache spec), so it can be
+    passed to ``jax.jit`` as a static argument and closed over by decoders.
+    ``cache_spec`` chooses the KV cache every decoder builds (``init_cache``):
+    ``dataclasses.replace(model, cache_spec=QuantCacheSpec(make_codec("kivi4")))``
+    runs any decoder on a KIVI-4 cache.
     """
 
     config: ModelConfig
+    cache_spec: Any = None  # None: a float KVCache; else e.g. decodax.kvquant.QuantCacheSpec
+
+    def init_cache(self, batch: int, capacity: int, dtype: Any = jnp.float32):
+        """An empty KV cache for this model: float (``cache_spec`` None) or compressed
+        (``cache_spec.init``; its capacity may round up to the codec's group)."""
+        if self.cache_spec is None:
+            return kv.init_cache(self.config, batch, capacity, dtype)
+        return self.cache_spec.init(self.config, batch, capacity)
 
     def init(self, key: PRNGKeyArray) -> dict:
         """Random parameters (normal(0.02)) for tests and training from scratch."""
@@ -152,9 +137,7 @@ class Model:
         k_emb, k_head, k_layers = jax.random.split(key, 3)
         block = Block(c)
         dummy = (
-            jnp.zeros((1, 1, c.dim)), jnp.zeros((1, 1), jnp.int32),
-            jnp.zeros((1, 1, c.n_kv_heads, 1, c.head_dim)), jnp.zeros((1, 1, c.n_kv_heads, 1, c.head_dim)),
-            jnp.zeros((1,), jnp.int32), jnp.ones((1, 1, 1), bool),
+            jnp.zeros((1, 1, c.dim)), jnp.zeros((1, 1), jnp.int32), None, jnp.ones((1, 1, 1), bool),
         )
         layers = [block.init(k, *dummy)["params"] for k in jax.random.split(k_layers, c.n_layers)]
         params = {
@@ -184,6 +167,7 @@ class Model:
         compute_logits: bool = True,
         empty_cache: bool = False,
         taps: tuple[int, ...] = (),
+        attention: str = "auto",
     ) -> ModelOutput:
         """Run T new tokens through the decoder over the committed cache.
 
@@ -204,6 +188,8 @@ class Model:
           taps: layer counts ``l`` (1-based, ``<=`` the layers run) whose output
             hidden states are returned as ``taps[N, B, T, D]`` (DEL's per-layer
             acceptance statistics read them from the verify forward).
+          attention: ``"auto"`` (default), ``"xla"`` or ``"pallas"``
+            (:mod:`decodax.model.attention`).
 
         Returns:
           ``ModelOutput(logits, hidden, cache)``; ``hidden`` is the (pre-norm)
@@ -219,14 +205,14 @@ class Model:
             raise ValueError(f"taps must name layers in [1, {n_layers}], got {taps}")
         if attn_mask is None:
             attn_mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+        impl = resolve_attention(attention)
         block = Block(c)
         x = take_rows(params["embed"], tokens)
         ks, vs, tapped = [], [], {}
         # A Python loop over per-layer weight dicts: XLA's CPU dot is ~2.5x slower on
         # slices of stacked weights (scan) than on separate arrays.
         for i, lp in enumerate(params["layers"][:n_layers]):
-            ck, cv = (None, None) if empty_cache else (cache.k, cache.v)
-            x, k, v = block.apply({"params": lp}, x, positions, ck, cv, cache.length, attn_mask, i)
+            x, k, v = block.apply({"params": lp}, x, positions, None if empty_cache else cache, attn_mask, i, impl)
             ks.append(k)
             vs.append(v)
             if i + 1 in taps:

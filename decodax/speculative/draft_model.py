@@ -197,7 +197,7 @@ def _draft_model_drafter(draft_model: Model, select: Callable[[Any], Any], stop:
         dp = select(params)
         _check_draft_params(draft_model, dp)
         b, p = state.prompt.shape
-        cache = kv.init_cache(draft_model.config, b, state.cache.capacity, dtype=state.cache.k.dtype)
+        cache = draft_model.init_cache(b, state.cache.capacity, dtype=state.cache.dtype)
         positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
         out = draft_model.apply(dp, state.prompt, positions, cache, compute_logits=False, empty_cache=True)
         # positions < prompt_len - 1 = L - 1 (the first propose re-feeds the last prompt token)

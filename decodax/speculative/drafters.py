@@ -47,6 +47,7 @@ from jaxtyping import Array, Float, Int
 from decodax import sampling
 from decodax.decoding.autoregressive import context_of
 from decodax.decoding.state import DecodeState
+from decodax.model import cache as kv
 
 __all__ = ["Drafter", "Proposal", "contiguous_context", "early_exit_drafter", "exit_layer_drafts", "prompt_lookup"]
 
@@ -181,7 +182,7 @@ def exit_layer_drafts(model, params, state: DecodeState, key, *, k: int, sampler
     """
     cache = state.cache
     base = cache.length
-    sub = dataclasses.replace(cache, k=cache.k[:exit_layer], v=cache.v[:exit_layer])
+    sub = kv.first_layers(cache, exit_layer)
     b = base.shape[0]
     v = model.config.vocab_size
     greedy = sampler.is_greedy

@@ -74,10 +74,8 @@ def _ref_one_layer(model, params, tokens):
 
     cfg = model.config
     x = params["embed"][tokens]
-    z = jnp.zeros((1, 1, cfg.n_kv_heads, 1, cfg.head_dim))  # [L, B, K, S, hd]
     mask = jnp.tril(jnp.ones((4, 4), bool))[None]
-    out, _, _ = Block(cfg).apply({"params": params["layers"][0]}, x, jnp.arange(4)[None], z, z,
-                                 jnp.zeros((1,), jnp.int32), mask)
+    out, _, _ = Block(cfg).apply({"params": params["layers"][0]}, x, jnp.arange(4)[None], None, mask)
     return out
 
 
