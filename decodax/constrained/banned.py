@@ -14,7 +14,6 @@ of the context's last ``L - 1`` tokens per step.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np

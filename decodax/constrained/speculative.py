@@ -34,7 +34,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Int
 
 from decodax import sampling
 from decodax.constrained.automaton import AutomatonTables, TokenAutomaton, advance, allowed_tokens

@@ -42,7 +42,7 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float
 
 from decodax.decoding.autoregressive import emit, initial_state, run_prompt
 from decodax.decoding.state import Decoder, DecodeState

@@ -13,27 +13,13 @@ import numpy as np
 import pytest
 
 from decodax.model.cache import init_cache
-from decodax.model.config import tiny_config
-from decodax.model.transformer import Model
-from strategies.common import EOS, ROWS, WIDTH
+from strategies.common import ROWS, WIDTH, tiny_model
 
 
 @pytest.fixture(scope="session")
 def tiny():
-    """One layer (each extra layer costs seconds of compile time per decoder); params drawn
-    with numpy in ``Model.init``'s shapes and law (its eager Flax init takes ~8 s here)."""
-    model = Model(tiny_config(vocab_size=97, n_layers=1, eos_ids=(EOS,), tie_embeddings=False))
-    rng = np.random.default_rng(3)
-
-    def draw(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if "norm" in name:
-            return np.ones(leaf.shape, np.float32)
-        return rng.normal(0.0, 0.2 if "lm_head" in name else 0.02, leaf.shape).astype(np.float32)
-
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0)))
-    # numpy until here: eager jax ops would each compile
-    return model, jax.tree.map(jnp.asarray, jax.tree_util.tree_map_with_path(draw, shapes))
+    """One layer (each extra layer costs seconds of compile time per decoder)."""
+    return tiny_model(1, 3)
 
 
 @pytest.fixture(scope="session")

@@ -14,18 +14,15 @@ the threshold travels in the params:
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from strategies.common import EOS, N, PROMPTS, ROWS, WIDTH
+from strategies.common import N, PROMPTS, ROWS, WIDTH, tiny_model
 
 from decodax.decoding.driver import pad_prompts
 from decodax.model.cache import init_cache
-from decodax.model.config import tiny_config
-from decodax.model.transformer import Model
 from decodax.strategies import entropy_adaptive, large_fraction
 from decodax.strategies.entropy_adaptive import with_threshold
 
@@ -34,17 +31,7 @@ WINDOW, THRESHOLD = 2, 4.0
 
 @pytest.fixture(scope="module")
 def two_layers():
-    model = Model(tiny_config(vocab_size=97, n_layers=2, eos_ids=(EOS,), tie_embeddings=False, name="tiny2"))
-    rng = np.random.default_rng(4)
-
-    def draw(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if "norm" in name:
-            return np.ones(leaf.shape, np.float32)
-        return rng.normal(0.0, 0.2 if "lm_head" in name else 0.02, leaf.shape).astype(np.float32)
-
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0)))
-    return model, jax.tree.map(jnp.asarray, jax.tree_util.tree_map_with_path(draw, shapes))
+    return tiny_model(2, 4, "tiny2")
 
 
 @pytest.fixture(scope="module")
