@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from constrained.common import EOS, tiny_model, toy_vocab
 from decodax import sampling
 from decodax.constrained import (
     AutomatonTables,
@@ -35,20 +36,14 @@ from decodax.decoding import generate
 from decodax.model.config import tiny_config
 from decodax.model.transformer import Model
 
-TOKENS = ["<eos>", "a", "b", "c", "ab", "bc", "abc", "x", "ca", "aa", "cc", "y", "z", "bb", "ba", "cab"]
-EOS = 0
-
-
 @pytest.fixture(scope="module")
 def vocab():
-    return TokenVocabulary.from_strings(TOKENS, eos_ids=[EOS])
+    return toy_vocab()
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = Model(tiny_config(vocab_size=len(TOKENS), dim=16, n_layers=1, n_heads=2, n_kv_heads=1,
-                              hidden_dim=32, eos_ids=(EOS,)))
-    return model, model.init(jax.random.key(0))
+    return tiny_model()
 
 
 @pytest.fixture(scope="module")

@@ -17,31 +17,24 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from constrained.common import EOS, TOKENS, tiny_model, toy_vocab
 from decodax import sampling
-from decodax.constrained import TokenVocabulary, compile_regex, constrained, with_constraint
+from decodax.constrained import compile_regex, constrained, with_constraint
 from decodax.constrained.speculative import constrained_speculative, draft_states
 from decodax.decoding import generate
-from decodax.model.config import tiny_config
-from decodax.model.transformer import Model
 from decodax.speculative.drafters import Drafter, Proposal, prompt_lookup
 
-TOKENS = ["<eos>", "a", "b", "c", "ab", "bc", "abc", "x", "ca", "aa", "cc", "y", "z", "bb", "ba", "cab"]
-EOS = 0
 ID = {t: i for i, t in enumerate(TOKENS)}
 
 
 @pytest.fixture(scope="module")
 def vocab():
-    return TokenVocabulary.from_strings(TOKENS, eos_ids=[EOS])
+    return toy_vocab()
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = Model(tiny_config(vocab_size=len(TOKENS), dim=16, n_layers=1, n_heads=2, n_kv_heads=1,
-                              hidden_dim=32, eos_ids=(EOS,)))
-    params = model.init(jax.random.key(0))
-    params = {**params, "embed": params["embed"] * 4.0}  # sharper, context-dependent distributions
-    return model, params
+    return tiny_model(4.0)
 
 
 def test_draft_states_cut_at_the_first_invalid_draft(vocab):
