@@ -341,3 +341,31 @@ def _ead_factory(model, params, sampler):
 register("cntp", _cntp_factory)
 register("adadec", _adadec_factory)
 register("ead", _ead_factory)
+
+
+# Superposed Decoding (Shen et al. 2024): k = 3 drafts for one forward per token, the authors'
+# released k = 3 configuration (alpha 0.54, temperature 0.06, 2- to 6-gram weights); the n-gram
+# table is WikiText-2 valid tokenized with the default tokenizer (decodax.strategies.superposed.
+# wikitext_ngram_table), added to the params under "superposed_ngram" by its params hook. The
+# driver's output is the top-ranked draft; superposed.generate_drafts returns all k.
+SUPERPOSED_K = 3
+
+
+def _superposed_factory(model, params, sampler):
+    from decodax.strategies import superposed
+
+    return superposed(model, k=SUPERPOSED_K)
+
+
+def _superposed_params(model, params):
+    from decodax.strategies.superposed import wikitext_ngram_table, with_ngram
+
+    if model.config.vocab_size != 49152:  # the table's ids are the default (SmolLM2) tokenizer's
+        raise ValueError("superposed: the registered method's n-gram table is tokenized for the default "
+                         "model; build one for this vocabulary with build_ngram_table / with_ngram")
+    table = wikitext_ngram_table()
+    return with_ngram(params, table)
+
+
+register("superposed", _superposed_factory)
+PARAMS_HOOKS["superposed"] = _superposed_params

@@ -3,7 +3,7 @@ Jacobi Decoding (sampling), window initialisers, lookahead decoding, CEED-VLA ea
 
 from decodax.jacobi.decoder import JacobiState, jacobi, jacobi_drafter
 from decodax.jacobi.early_exit import EarlyExit
-from decodax.jacobi.init import NgramInit, PadInit, RandomInit, RepeatLast, WindowInit
+from decodax.jacobi.init import NgramInit, PadInit, RandomInit, RepeatLast, SpatialInit, WindowInit
 from decodax.jacobi.lexical_units import lexical_unit_decoding
 from decodax.jacobi.lookahead import LookaheadState, lookahead
 
@@ -15,6 +15,7 @@ __all__ = [
     "PadInit",
     "RandomInit",
     "RepeatLast",
+    "SpatialInit",
     "WindowInit",
     "jacobi",
     "jacobi_drafter",

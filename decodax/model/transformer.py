@@ -157,7 +157,7 @@ class Model:
     def apply(
         self,
         params: dict,
-        tokens: Int[Array, "B T"],
+        tokens: Int[Array, "B T"] | None,
         positions: Int[Array, "B T"],
         cache: kv.KVCache,
         attn_mask: Bool[Array, "B T T"] | None = None,
@@ -168,6 +168,7 @@ class Model:
         empty_cache: bool = False,
         taps: tuple[int, ...] = (),
         attention: str = "auto",
+        embeds: Float[Array, "B T D"] | None = None,
     ) -> ModelOutput:
         """Run T new tokens through the decoder over the committed cache.
 
@@ -190,13 +191,18 @@ class Model:
             acceptance statistics read them from the verify forward).
           attention: ``"auto"`` (default), ``"xla"`` or ``"pallas"``
             (:mod:`decodax.model.attention`).
+          embeds: input embeddings fed instead of looking up ``tokens`` (which may
+            then be None): e.g. Superposed Decoding's weighted sum of several
+            tokens' embeddings. None (default): ``params["embed"][tokens]``.
 
         Returns:
           ``ModelOutput(logits, hidden, cache)``; ``hidden`` is the (pre-norm)
           output of the last layer run.
         """
         c = self.config
-        b, t = tokens.shape
+        if embeds is None and tokens is None:
+            raise ValueError("Model.apply needs tokens or embeds")
+        b, t = tokens.shape if embeds is None else embeds.shape[:2]
         n_layers = c.n_layers if exit_layer is None else int(exit_layer)
         if not 1 <= n_layers <= c.n_layers:
             raise ValueError(f"exit_layer must be in [1, {c.n_layers}], got {exit_layer}")
@@ -207,7 +213,7 @@ class Model:
             attn_mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
         impl = resolve_attention(attention)
         block = Block(c)
-        x = take_rows(params["embed"], tokens)
+        x = take_rows(params["embed"], tokens) if embeds is None else embeds
         ks, vs, tapped = [], [], {}
         # A Python loop over per-layer weight dicts: XLA's CPU dot is ~2.5x slower on
         # slices of stacked weights (scan) than on separate arrays.

@@ -17,7 +17,12 @@ The modules share one call signature, ``module.apply(variables, x, train=...)``.
   masked-channel RVQ;
 * :mod:`~decodax.quantizers.vq_logits` -- VQ-Logits output layer (codebook logits scattered
   to the vocabulary);
-* :mod:`~decodax.quantizers.metrics` -- utilization, code perplexity, MSE, PSNR.
+* :mod:`~decodax.quantizers.metrics` -- utilization, code perplexity, MSE, PSNR;
+* :mod:`~decodax.quantizers.images` -- digits (scikit-learn) and photo patches (scikit-image)
+  shipped with the libraries;
+* :mod:`~decodax.quantizers.autoencoder` -- image tokenizers: one conv autoencoder for every
+  quantizer at an equal budget, train / tokenize / detokenize / save / load (imported on
+  demand: it pulls in :mod:`decodax.train`).
 
 Bad input raises ``ValueError``: codebook size < 2, FSQ level < 2, a group count that does
 not divide the dimension, and out-of-range code ids in ``codes -> vectors`` (checked when

@@ -10,8 +10,10 @@ Bound (the paper's code listing, with its shift fixed):
 ``offset = 0.5`` for even ``L`` (0 for odd) and ``shift = arctanh(offset / half_l)``, so that
 ``bound(0) = 0`` exactly. Rounding then gives the ``L`` integers ``-(L//2) .. (L-1)//2``
 (``{-1, 0, 1}`` for ``L = 3``, ``{-2, -1, 0, 1}`` for ``L = 4``); they are divided by
-``L // 2`` so quantized values lie in ``[-1, 1]``. Rounding uses the straight-through
-estimator.
+``L // 2`` so quantized values lie in ``[-1, 1]``. The straight-through estimator wraps the
+rounding only (the listing's ``round_ste(bound(z))``): the gradient reaching ``z`` is the
+bound's, ``tanh'`` times ``half_l / (L // 2)``, so a saturated dimension stops receiving
+gradient instead of drifting further out.
 
 Two deliberate differences from the published listing:
 
@@ -86,9 +88,10 @@ def bound(z: Float[Array, "*batch d"], levels: Sequence[int], eps: float = EPS) 
 def quantize(z: Float[Array, "*batch d"], levels: Sequence[int], eps: float = EPS) -> Quantized:
     """FSQ: ``round_ste(bound(z)) / (L // 2)``; no losses; code ids by mixed radix."""
     levels = check_levels(levels, eps)
-    rounded = jnp.round(bound(z, levels, eps))
+    bounded = bound(z, levels, eps)
+    rounded = jnp.round(bounded)
     half_width = jnp.asarray([lv // 2 for lv in levels], jnp.float32)
-    q = straight_through(z, rounded / half_width)
+    q = straight_through(bounded / half_width, rounded / half_width)
     codes = digits_to_index((rounded + half_width).astype(jnp.int32), levels)
     k = int(np.prod(levels))
     stats = metrics.code_stats(codes, k)

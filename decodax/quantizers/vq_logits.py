@@ -10,11 +10,13 @@ no token drop out). :func:`log_probs` uses that form (``O(K)`` per position, nev
 ``V``-wide tensor when targets are given); :func:`token_logits` materialises ``L_v``.
 
 The map is either pre-assigned or obtained, as in the paper's initialisation study, by
-clustering a trained model's output embeddings: :func:`from_embeddings` runs k-means++ and
-Lloyd iterations and returns the centroids and each token's cluster.
+clustering a trained model's output embeddings: :func:`from_embeddings` runs k-means (k-means++
+or Forgy seeding, then Lloyd iterations) and returns the centroids and each token's cluster.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -83,12 +85,52 @@ def token_embeddings(codebook: Float[Array, "K d"], token_to_code: Int[Array, "V
     return take_codes(codebook, token_to_code, "VQ-Logits token_embeddings")
 
 
+_INITS = ("kmeans++", "random")
+
+
+@partial(jax.jit, static_argnames=("k", "iters"))
+def _forgy_kmeans(key: PRNGKeyArray, data: Float[Array, "N D"], k: int, iters: int) -> Float[Array, "k D"]:
+    """Forgy seeding (``k`` distinct rows drawn uniformly) and ``iters`` Lloyd iterations whose
+    update is a segment sum (``O(N D)``, no ``[N, k]`` one-hot product); empty clusters keep
+    their center."""
+    n = data.shape[0]
+    centers = data[jax.random.choice(key, n, (k,), replace=False)]
+
+    def lloyd(_, c):
+        codes = vq.nearest_code(data, c)
+        sums = jax.ops.segment_sum(data, codes, k)
+        counts = jax.ops.segment_sum(jnp.ones((n,), data.dtype), codes, k)
+        return jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], c)
+
+    return jax.lax.fori_loop(0, iters, lloyd, centers)
+
+
 def from_embeddings(key: PRNGKeyArray, embeddings: Float[Array, "V d"], num_codes: int,
-                    iters: int = 20) -> tuple[Float[Array, "K d"], Int[Array, "V"]]:
-    """Codebook and token -> code map from trained output embeddings: k-means++ seeding,
-    ``iters`` Lloyd iterations, each token assigned to its nearest centroid."""
-    codebook = vq.kmeans_plusplus(key, embeddings, num_codes, iters)
-    return codebook, vq.nearest_code(jnp.asarray(embeddings, jnp.float32), codebook)
+                    iters: int = 20, init: str = "kmeans++") -> tuple[Float[Array, "K d"], Int[Array, "V"]]:
+    """Codebook and token -> code map from trained output embeddings (the initialisation
+    Shao et al. 2025 study for VQ-Logits): k-means over the ``V`` rows, each token assigned to
+    its nearest centroid.
+
+    ``init="kmeans++"`` seeds with k-means++ (``num_codes`` sequential ``O(V d)`` passes) then
+    runs ``iters`` Lloyd iterations; ``init="random"`` seeds with ``num_codes`` distinct rows
+    drawn uniformly (Forgy), which avoids the sequential seeding pass and is the practical
+    choice for thousands of codes on a CPU. ``ValueError`` for an unknown ``init``, a codebook
+    size below 2 or above ``V``, or negative ``iters``.
+    """
+    if init not in _INITS:
+        raise ValueError(f"VQ-Logits from_embeddings: init must be one of {_INITS}, got {init!r}")
+    check_codebook_size(num_codes, "VQ-Logits")
+    if int(iters) != iters or iters < 0:
+        raise ValueError(f"VQ-Logits from_embeddings: iters must be an integer >= 0, got {iters}")
+    data = jnp.asarray(embeddings, jnp.float32)
+    if data.ndim != 2 or num_codes > data.shape[0]:
+        raise ValueError(f"VQ-Logits from_embeddings: need [V, d] embeddings with V >= num_codes={num_codes}, "
+                         f"got shape {data.shape}")
+    if init == "kmeans++":
+        codebook = vq.kmeans_plusplus(key, data, num_codes, iters)
+    else:
+        codebook = _forgy_kmeans(key, data, num_codes, int(iters))
+    return codebook, vq.nearest_code(data, codebook)
 
 
 class VQLogits(nn.Module):

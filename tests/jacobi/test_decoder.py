@@ -4,9 +4,10 @@
   initialiser and several windows, with EOS and with a repetition penalty;
   a repetitive prompt fixes more than one token per iteration;
 * SJD: the law of the first four emitted tokens of a vocab-8 model equals the
-  exact target law (chi-square over 1e5 rows), for a random and an n-gram
-  initialiser; the negative control that accepts a guess with min(1, p_now)
-  (ignoring p_prev) and resamples from p_now fails;
+  exact target law (chi-square over 1e5 rows), for a random, an n-gram and a
+  spatial-neighbour (image raster) initialiser; the negative control that
+  accepts a guess with min(1, p_now) (ignoring p_prev) and resamples from
+  p_now fails;
 * ValueErrors.
 """
 
@@ -20,6 +21,7 @@ import pytest
 from decodax import sampling
 from decodax.decoding import autoregressive, generate
 from decodax.jacobi import JacobiState, NgramInit, PadInit, RandomInit, RepeatLast, jacobi, jacobi_drafter
+from decodax.jacobi.init import SpatialInit
 from decodax.model.config import tiny_config
 from decodax.model.transformer import Model
 from speculative.test_decoder import PROMPTS, REPETITIVE
@@ -108,7 +110,7 @@ def accept_with_p_now(draft_tokens, draft_probs, target_probs, key):
     return accepted, jax.random.categorical(s_key, jnp.log(at), axis=-1).astype(jnp.int32)
 
 
-@pytest.mark.parametrize("init", [RandomInit(V), NgramInit(2)], ids=lambda i: type(i).__name__)
+@pytest.mark.parametrize("init", [RandomInit(V), NgramInit(2), SpatialInit(2, V)], ids=lambda i: type(i).__name__)
 def test_sjd_law_of_first_tokens_is_the_target_law(tiny8, init):
     model, params, _, _ = tiny8
     law = exact_law(model, params, tokens=T)

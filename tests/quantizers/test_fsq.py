@@ -70,11 +70,16 @@ def test_quantized_values_are_exactly_the_levels():
     assert np.all(np.abs(q) <= 1)
 
 
-def test_straight_through_gradient_is_identity():
+def test_straight_through_gradient_is_identity_on_the_rounding():
+    """round_ste(bound(z)): the rounding passes the identity, so the gradient reaching z is the
+    bound's (the listing's), not the identity (which would skip tanh's saturation)."""
     rng = np.random.default_rng(0)
     z, w = rng.standard_normal((2, N, len(LEVELS))).astype(np.float32) * 2
     out, grad, _ = _fsq(z, w)
-    np.testing.assert_array_equal(grad, w)
+    half_width = np.asarray([lv // 2 for lv in LEVELS], np.float32)
+    bound_grad = jax.grad(lambda z: jnp.sum(fsq.bound(z, LEVELS) / half_width * w))(z)
+    np.testing.assert_allclose(grad, bound_grad, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(grad, w)  # not the identity to z
     np.testing.assert_allclose(out.quantized, _decode(out.codes), atol=1e-6)
 
 

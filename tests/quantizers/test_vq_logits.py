@@ -63,3 +63,32 @@ def test_bad_codebook_and_map_are_rejected():
         vq_logits.token_logits(h, codebook, np.full(V, K, np.int32))
     with pytest.raises(ValueError, match="code ids"):
         vq_logits.token_embeddings(codebook, np.array([-1]))
+
+
+def _inertia(emb, codebook, m):
+    return float(np.sum((emb - np.asarray(codebook)[m]) ** 2))
+
+
+def test_forgy_seeded_map_is_consistent_and_lloyd_lowers_the_inertia():
+    emb = np.random.default_rng(5).standard_normal((V, DM)).astype(np.float32)
+    cb0, m0 = vq_logits.from_embeddings(KEY, emb, K, iters=0, init="random")
+    cb5, m5 = vq_logits.from_embeddings(KEY, emb, K, iters=5, init="random")
+    rows = {tuple(r) for r in emb.tolist()}
+    assert all(tuple(r) in rows for r in np.asarray(cb0).tolist())  # Forgy: K distinct data rows
+    assert len({tuple(r) for r in np.asarray(cb0).tolist()}) == K
+    for cb, m in ((cb0, m0), (cb5, m5)):
+        np.testing.assert_array_equal(np.asarray(m), np.asarray(vq.nearest_code(emb, cb)))
+        assert np.asarray(m).min() >= 0 and np.asarray(m).max() < K
+    assert _inertia(emb, cb5, np.asarray(m5)) <= _inertia(emb, cb0, np.asarray(m0)) + 1e-4
+
+
+def test_from_embeddings_rejects_bad_arguments():
+    emb = np.zeros((V, DM), np.float32)
+    with pytest.raises(ValueError, match="init"):
+        vq_logits.from_embeddings(KEY, emb, K, init="bogus")
+    with pytest.raises(ValueError, match="V >= num_codes"):
+        vq_logits.from_embeddings(KEY, emb[:3], K, init="random")
+    with pytest.raises(ValueError, match="iters"):
+        vq_logits.from_embeddings(KEY, emb, K, iters=-1)
+    with pytest.raises(ValueError, match="codebook size"):
+        vq_logits.from_embeddings(KEY, emb, 1, init="random")
