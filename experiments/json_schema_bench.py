@@ -130,6 +130,68 @@ def main() -> int:
     pool.terminate()
     print(f"compiled {len(compiled)}/{len(rows)} schemas in {sum(compile_s):.1f} s", flush=True)
 
+    def write_report(done: int) -> None:
+        """The report so far (rewritten after every schema, so a stopped run leaves its partial table)."""
+        n_dec = stats["decoded"]
+        tps = {n: tokens[n] / max(seconds[n], 1e-9) for n in decoders}
+        cs = np.asarray(compile_s) if compile_s else np.zeros(1)
+        lines = [
+            "# JSON-schema bench: on-device constrained decoding (SmolLM2-135M-Instruct)",
+            "",
+            f"Run {datetime.datetime.now():%Y-%m-%d %H:%M}, `{' '.join(sys.argv)}`; {platform.node()}, "
+            f"{jax.devices()[0].platform}, {len(jax.devices())} device(s); {time.time() - t_start:.0f} s in all.",
+            f"First {len(rows)} schemas of `jsonschemabench/schemas.jsonl` (N = {len(rows)}: the machine is a "
+            f"2-core CPU; `--n 0` runs all {sum(1 for _ in args.data.open())}). Greedy, max_new_tokens = "
+            f"{args.max_new_tokens}, batch 1, prompt = instruction + schema in the chat template. Whitespace "
+            f"between JSON tokens: `{args.whitespace}`. Speculative: prompt lookup (ngram {args.ngram}), k = {args.k}.",
+            "" if done == len(compiled) else f"**Partial run: decoding stopped after {done} of the {len(compiled)} "
+            "compiled schemas** (compile figures cover all of them).",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            f"| schemas compiled | {len(compiled)} / {len(rows)} ({100 * len(compiled) / max(len(rows), 1):.0f}%) |",
+            f"| compile time (schema -> host tables, of those compiled), median / p90 / max | {np.median(cs) * 1e3:.0f} / "
+            f"{np.percentile(cs, 90) * 1e3:.0f} / {cs.max() * 1e3:.0f} ms |",
+            f"| decoded (compiled, prompt <= {args.max_prompt} tokens) | {n_dec} |",
+        ]
+        for name in ("ar+mask", "spec+mask"):
+            fin = stats[f"{name} valid"] + stats[f"{name} invalid"]
+            lines.append(f"| {name}: valid under `jsonschema` / finished (EOS) | {stats[f'{name} valid']} / {fin} "
+                         f"({100 * stats[f'{name} valid'] / max(fin, 1):.0f}%); hit max tokens: "
+                         f"{stats[f'{name} max_tokens']} |")
+        lines += [
+            f"| constrained speculative greedy == constrained autoregressive greedy | "
+            f"{stats['spec+mask == ar+mask']} / {n_dec} |",
+            "",
+            "Tokens/s below exclude the prefill: each run's time minus that of a `budget=1` run (prefill "
+            "and first token) of the same compiled program, over the tokens after the first.",
+            "",
+            "| decoding | tokens | tokens/s | tokens / target forward | tokens/s vs unconstrained |",
+            "|---|---|---|---|---|",
+        ]
+        for name, base in (("ar", "ar"), ("ar+mask", "ar"), ("spec", "spec"), ("spec+mask", "spec")):
+            lines.append(f"| {name} | {tokens[name]} | {tps[name]:.1f} | {tokens[name] / max(calls[name], 1):.2f} | "
+                         f"{tps[name] / max(tps[base], 1e-9):.3f} |")
+        lines += [
+            "",
+            f"Mask overhead per token (autoregressive): {100 * (tps['ar'] / max(tps['ar+mask'], 1e-9) - 1):+.1f}%; "
+            f"with speculative decoding: {100 * (tps['spec'] / max(tps['spec+mask'], 1e-9) - 1):+.1f}% "
+            "(tokens/s of the same prompts and max tokens, measured in this run; the constrained and "
+            "unconstrained outputs differ, so tokens/s, not wall time, is compared).",
+            "",
+            "Compile failures by reason:",
+            "",
+        ]
+        lines += [f"- {n} x {reason}" for reason, n in failures.most_common()] or ["- none"]
+        if stats["skipped_long_prompt"]:
+            lines.append(f"- (not a compile failure) {stats['skipped_long_prompt']} compiled schemas skipped: prompt "
+                         f"longer than {args.max_prompt} tokens")
+        lines += ["", "Example constrained outputs:", ""]
+        lines += [f"- `{sid}`: `{text}`" for sid, text in examples]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+
     # ---- decode
     seen: set = set()
     tokens = collections.Counter()
@@ -182,65 +244,9 @@ def main() -> int:
             examples.append((r["id"], tok.decode([t for t in outs["ar+mask"] if t not in eos])))
         print(f"[{i + 1}/{len(compiled)}] {r['id']}: " + ", ".join(
             f"{n} {tokens[n] / max(seconds[n], 1e-9):.1f} tok/s" for n in decs), flush=True)
+        write_report(i + 1)
 
-    # ---- report
-    n_dec = stats["decoded"]
-    tps = {n: tokens[n] / max(seconds[n], 1e-9) for n in decoders}
-    cs = np.asarray(compile_s) if compile_s else np.zeros(1)
-    lines = [
-        "# JSON-schema bench: on-device constrained decoding (SmolLM2-135M-Instruct)",
-        "",
-        f"Run {datetime.datetime.now():%Y-%m-%d %H:%M}, `{' '.join(sys.argv)}`; {platform.node()}, "
-        f"{jax.devices()[0].platform}, {len(jax.devices())} device(s); {time.time() - t_start:.0f} s in all.",
-        f"First {len(rows)} schemas of `jsonschemabench/schemas.jsonl` (N = {len(rows)}: the machine is a "
-        f"2-core CPU; `--n 0` runs all {sum(1 for _ in args.data.open())}). Greedy, max_new_tokens = "
-        f"{args.max_new_tokens}, batch 1, prompt = instruction + schema in the chat template. Whitespace "
-        f"between JSON tokens: `{args.whitespace}`. Speculative: prompt lookup (ngram {args.ngram}), k = {args.k}.",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        f"| schemas compiled | {len(compiled)} / {len(rows)} ({100 * len(compiled) / max(len(rows), 1):.0f}%) |",
-        f"| compile time (schema -> host tables, of those compiled), median / p90 / max | {np.median(cs) * 1e3:.0f} / "
-        f"{np.percentile(cs, 90) * 1e3:.0f} / {cs.max() * 1e3:.0f} ms |",
-        f"| decoded (compiled, prompt <= {args.max_prompt} tokens) | {n_dec} |",
-    ]
-    for name in ("ar+mask", "spec+mask"):
-        fin = stats[f"{name} valid"] + stats[f"{name} invalid"]
-        lines.append(f"| {name}: valid under `jsonschema` / finished (EOS) | {stats[f'{name} valid']} / {fin} "
-                     f"({100 * stats[f'{name} valid'] / max(fin, 1):.0f}%); hit max tokens: "
-                     f"{stats[f'{name} max_tokens']} |")
-    lines += [
-        f"| constrained speculative greedy == constrained autoregressive greedy | "
-        f"{stats['spec+mask == ar+mask']} / {n_dec} |",
-        "",
-        "Tokens/s below exclude the prefill: each run's time minus that of a `budget=1` run (prefill "
-        "and first token) of the same compiled program, over the tokens after the first.",
-        "",
-        "| decoding | tokens | tokens/s | tokens / target forward | tokens/s vs unconstrained |",
-        "|---|---|---|---|---|",
-    ]
-    for name, base in (("ar", "ar"), ("ar+mask", "ar"), ("spec", "spec"), ("spec+mask", "spec")):
-        lines.append(f"| {name} | {tokens[name]} | {tps[name]:.1f} | {tokens[name] / max(calls[name], 1):.2f} | "
-                     f"{tps[name] / max(tps[base], 1e-9):.3f} |")
-    lines += [
-        "",
-        f"Mask overhead per token (autoregressive): {100 * (tps['ar'] / max(tps['ar+mask'], 1e-9) - 1):+.1f}%; "
-        f"with speculative decoding: {100 * (tps['spec'] / max(tps['spec+mask'], 1e-9) - 1):+.1f}% "
-        "(tokens/s of the same prompts and max tokens, measured in this run; the constrained and "
-        "unconstrained outputs differ, so tokens/s, not wall time, is compared).",
-        "",
-        "Compile failures by reason:",
-        "",
-    ]
-    lines += [f"- {n} x {reason}" for reason, n in failures.most_common()] or ["- none"]
-    if stats["skipped_long_prompt"]:
-        lines.append(f"- (not a compile failure) {stats['skipped_long_prompt']} compiled schemas skipped: prompt "
-                     f"longer than {args.max_prompt} tokens")
-    lines += ["", "Example constrained outputs:", ""]
-    lines += [f"- `{sid}`: `{text}`" for sid, text in examples]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(len(compiled))
     return 0
 
 

@@ -246,10 +246,34 @@ def json_schema_regex(schema: str | Mapping[str, Any], *, whitespace: str | None
             jsonschema.validators.validator_for(obj).check_schema(obj)
         except jsonschema.exceptions.SchemaError as e:
             raise ValueError(f"invalid JSON schema (jsonschema: {e.message})") from None
+    missing = _undeclared_required(obj)
+    if missing:
+        raise UnsupportedConstraintError(
+            f"JSON schema is not supported: required propert{'y' if len(missing) == 1 else 'ies'} "
+            f"{sorted(missing)} not declared under 'properties' (outlines-core's regex only emits declared "
+            "properties, so the constraint would admit outputs the schema rejects)")
     try:
         return build_regex_from_schema(text, whitespace)
     except (ValueError, TypeError, RuntimeError) as e:
         raise _outlines_error("JSON schema", text, e) from None
+
+
+def _undeclared_required(node) -> set[str]:
+    """Names that some object schema inside ``node`` requires but does not declare under its
+    ``properties``: outlines-core drops them silently (e.g. ``{"properties": {"a": ...},
+    "required": ["b"]}`` compiles to objects without ``b``, which the schema rejects)."""
+    found: set[str] = set()
+    if isinstance(node, dict):
+        required = node.get("required")
+        if isinstance(required, list):
+            declared = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+            found |= {r for r in required if isinstance(r, str) and r not in declared}
+        for value in node.values():
+            found |= _undeclared_required(value)
+    elif isinstance(node, list):
+        for value in node:
+            found |= _undeclared_required(value)
+    return found
 
 
 def compile_json_schema(schema: str | Mapping[str, Any], vocabulary: TokenVocabulary, *,

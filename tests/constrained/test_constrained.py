@@ -182,6 +182,14 @@ def test_bad_input_raises_value_error(tiny, vocab):
         json_schema_regex({"not": {"type": "string"}})
     with pytest.raises(UnsupportedConstraintError, match="ipv4"):
         json_schema_regex({"type": "string", "format": "ipv4"})
+    # required but undeclared properties: outlines-core would silently drop them (JSONSchemaBench's
+    # Github_trivial/o2058 and, inside a oneOf, o19070 were decoded to outputs the schema rejects)
+    undeclared = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["text"]}
+    with pytest.raises(UnsupportedConstraintError, match=r"\['text'\] not declared"):
+        json_schema_regex(undeclared)
+    with pytest.raises(UnsupportedConstraintError, match=r"\['win'\] not declared"):
+        json_schema_regex({"oneOf": [{"type": "object", "required": ["id", "win"], "properties": {"id": {}}}]})
+    json_schema_regex({"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]})
     c = compile_regex("ab", vocab)
     with pytest.raises(ValueError, match="vocabulary has 16 tokens but the model has 17"):
         constrained(Model(tiny_config(vocab_size=17, eos_ids=(0,))), c)
