@@ -122,6 +122,8 @@ def main(argv=None) -> int:
     ap.add_argument("--latent-dim", type=int, default=None, help="VQ/SimVQ/RVQ code dimension (full: 16)")
     ap.add_argument("--patches", type=str, default=None, help="train,test patch counts (full: 20000,2000)")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--no-latent-norm", action="store_true",
+                    help="no GroupNorm before the encoder's projection (Tokenizer.latent_norm=False)")
     ap.add_argument("--codebook-size", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save", default="fsq,vq", help="digit tokenizers to save under experiments/checkpoints")
@@ -147,7 +149,8 @@ def main(argv=None) -> int:
     header = (f"# VQ tokenizers at an equal budget (K = {args.codebook_size} ids per token, 64 tokens per 32x32 "
               f"image)\n\n{datetime.date.today()} · jax {jax.__version__} on {dev.platform} "
               f"({getattr(dev, 'device_kind', platform.machine())}){' · TINY smoke run' if args.tiny else ''}\n\n"
-              f"One conv autoencoder for all (width {cfg['channels']}, VQ/SimVQ/RVQ code dim {cfg['latent_dim']}), "
+              f"One conv autoencoder for all (width {cfg['channels']}, VQ/SimVQ/RVQ code dim {cfg['latent_dim']}, "
+              f"{'no' if args.no_latent_norm else 'a'} GroupNorm before the projection to the latents), "
               f"{cfg['steps']} steps of batch {cfg['batch']}, Adam lr {args.lr} (QLAE: AdamW wd 0.1), seed "
               f"{args.seed}. Metrics on held-out images: utilization = share of the {args.codebook_size} token ids "
               f"used, perplexity = exp(entropy) of the token histogram, MSE / PSNR of detokenize(tokenize(x)) "
@@ -161,7 +164,8 @@ def main(argv=None) -> int:
         results[ds], recons = {}, {}
         for q in quantizers:
             tok = ae.make_tokenizer(q, codebook_size=args.codebook_size, channels=cfg["channels"],
-                                    latent_dim=cfg["latent_dim"], image_channels=train.shape[-1])
+                                    latent_dim=cfg["latent_dim"], image_channels=train.shape[-1],
+                                    latent_norm=not args.no_latent_norm)
             t0 = time.time()
             variables, history = ae.train_tokenizer(tok, train, steps=cfg["steps"], batch_size=cfg["batch"],
                                                     lr=args.lr, seed=args.seed)

@@ -4,9 +4,10 @@ VQ bottlenecks at an equal code budget.
 The network (:class:`ConvAutoEncoder`) is the same for all quantizers; only the bottleneck
 and the width of the projection into it change. Encoder: a 3x3 convolution, two stride-2
 4x4 convolutions (``size -> size / 4``: 32x32 images give an 8x8 grid, 64 tokens), a
-residual block, then a linear projection (1x1) to the quantizer's dimension. Decoder: a 1x1
-projection back, a residual block, two stride-2 transposed convolutions and a 3x3 output
-convolution with a sigmoid (pixels in ``[0, 1]``). SiLU activations, no normalisation.
+residual block, a GroupNorm (``latent_norm``, VQGAN's ``norm_out``), then a linear
+projection (1x1) to the quantizer's dimension. Decoder: a 1x1 projection back, a residual
+block, two stride-2 transposed convolutions and a 3x3 output convolution with a sigmoid
+(pixels in ``[0, 1]``). SiLU activations; no other normalisation.
 
 Bottlenecks (``quantizer_name`` in :data:`QUANTIZERS`), all with the same budget of
 ``codebook_size = K`` (default 1024 = 2^10) distinct tokens per latent position:
@@ -52,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from functools import partial
 from typing import Any
@@ -129,7 +131,10 @@ class Tokenizer:
     ``channels`` is the encoder/decoder width (the 8x8 stage has ``2 * channels``);
     ``image_channels`` the pixels' channels (1 grey, 3 RGB); ``latent_dim`` the code vector
     dimension of the vector quantizers (vq, vq-ema, simvq, rvq) -- FSQ, LFQ, group LFQ and
-    QLAE take their dimension from the budget instead (:attr:`code_dim`).
+    QLAE take their dimension from the budget instead (:attr:`code_dim`). ``latent_norm``:
+    a GroupNorm before the encoder's last activation and projection (VQGAN's ``norm_out``), so
+    the latents start at unit scale whatever the data; without it this small encoder's latents
+    start as a cluster ~0.03 wide, far inside SimVQ's code cloud and FSQ's central bin.
     """
 
     quantizer: str
@@ -145,6 +150,7 @@ class Tokenizer:
     qlae_values: int = 4
     rvq_stages: int = 2
     rvq_kmeans_init: bool = True
+    latent_norm: bool = True
 
     def __post_init__(self):
         if self.quantizer not in QUANTIZERS:
@@ -218,6 +224,7 @@ class Tokenizer:
     def from_json(cls, d: dict[str, Any]) -> "Tokenizer":
         d = dict(d)
         d["fsq_levels"] = tuple(d.get("fsq_levels", ()))
+        d.setdefault("latent_norm", False)  # configs saved before the field existed had no norm
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields
         if unknown:
@@ -284,6 +291,8 @@ class ConvAutoEncoder(nn.Module):
         self.down1 = nn.Conv(ch, (4, 4), strides=(2, 2))
         self.down2 = nn.Conv(2 * ch, (4, 4), strides=(2, 2))
         self.enc_res = _ResBlock(2 * ch)
+        if cfg.latent_norm:
+            self.enc_norm = nn.GroupNorm(num_groups=math.gcd(32, 2 * ch))
         self.pre_quant = nn.Dense(cfg.code_dim)
         self.post_quant = nn.Dense(2 * ch)
         self.dec_res = _ResBlock(2 * ch)
@@ -296,6 +305,8 @@ class ConvAutoEncoder(nn.Module):
         h = nn.silu(self.enc_in(x))
         h = nn.silu(self.down1(h))
         h = self.enc_res(nn.silu(self.down2(h)))
+        if self.config.latent_norm:
+            h = self.enc_norm(h)
         return self.pre_quant(nn.silu(h))
 
     def quantize(self, z: Float[Array, "B h w d"], train: bool = False) -> Quantized:

@@ -132,3 +132,18 @@ def test_save_load_round_trip(trained, tmp_path):
     np.testing.assert_array_equal(ae.tokenize(t2, v2, x), ae.tokenize(t, v, x))
     with pytest.raises(FileNotFoundError):
         ae.load_tokenizer(tmp_path / "missing")
+
+
+def test_latent_norm_sets_the_latent_scale_and_old_configs_load_without_it():
+    x = images(4)
+    scale = {}
+    for norm in (True, False):
+        t = tok("simvq", latent_norm=norm)
+        v = ae.init_tokenizer(t, x, seed=0)
+        assert ("enc_norm" in v["params"]) == norm
+        z = t.module.apply(v, jnp.asarray(x), method=ae.ConvAutoEncoder.encode)
+        scale[norm] = float(jnp.std(z.reshape(-1, z.shape[-1]), axis=0).mean())
+    assert scale[True] > 3 * scale[False], scale  # the GroupNorm lifts the spread of the latents
+    old = tok("fsq").to_json()
+    del old["latent_norm"]  # a config written before the field existed
+    assert ae.Tokenizer.from_json(old).latent_norm is False and tok("fsq").latent_norm is True
