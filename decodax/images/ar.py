@@ -186,22 +186,34 @@ def sample_codes(decoder: Decoder, params: Any, layout: ImageLayout, labels: Int
     """Generate one code grid per label with ``decoder`` (prompt ``[BOS, class]``,
     ``max_new_tokens = h * w``); returns the grids and each image's target forwards
     (``GenerateOutput.calls``: the prefill plus the decoder's steps while the row ran)."""
+
+    def sample_batch(i, prompts):
+        out = generate(decoder, params, prompts, max_new_tokens=layout.num_codes, key=jax.random.fold_in(key, i),
+                       pad_to=2)
+        if np.any(out.lengths != layout.num_codes) or out.tokens[:, :layout.num_codes].max() >= layout.codebook_size:
+            raise RuntimeError("sample_codes: a row did not produce a full grid of codes")
+        return out.tokens[:, :layout.num_codes], out.calls
+
+    return _sample_in_batches("sample_codes", layout, labels, batch_size, sample_batch)
+
+
+def _sample_in_batches(owner: str, layout: ImageLayout, labels, batch_size: int | None, sample_batch
+                       ) -> tuple[Int[np.ndarray, "N h w"], Int[np.ndarray, " N"]]:
+    """``sample_batch(i, prompts [B, 2]) -> (codes [B, hw], forwards [B])`` over ``labels`` in
+    batches of ``batch_size`` (default all; a short last batch is padded with its last label,
+    so every call has one compiled shape); returns the grids ``[N, h, w]`` and forwards ``[N]``."""
     labels = layout._labels(labels)
     n = len(labels)
     if n == 0:
-        raise ValueError("sample_codes: no labels")
-    batch_size = n if batch_size is None else _positive("sample_codes", "batch_size", batch_size)
+        raise ValueError(f"{owner}: no labels")
+    batch_size = n if batch_size is None else _positive(owner, "batch_size", batch_size)
     codes, calls = [], []
     for i, start in enumerate(range(0, n, batch_size)):
         part = labels[start:start + batch_size]
-        pad = batch_size - len(part) if n > batch_size else 0  # one compiled shape per call
-        rows = np.concatenate([part, np.repeat(part[-1:], pad)])
-        out = generate(decoder, params, layout.prompts(rows), max_new_tokens=layout.num_codes,
-                       key=jax.random.fold_in(key, i), pad_to=2)
-        if np.any(out.lengths != layout.num_codes) or out.tokens[:, :layout.num_codes].max() >= layout.codebook_size:
-            raise RuntimeError("sample_codes: a row did not produce a full grid of codes")
-        codes.append(out.tokens[:len(part), :layout.num_codes])
-        calls.append(out.calls[:len(part)])
+        pad = batch_size - len(part) if n > batch_size else 0
+        got_codes, got_calls = sample_batch(i, layout.prompts(np.concatenate([part, np.repeat(part[-1:], pad)])))
+        codes.append(np.asarray(got_codes)[:len(part)])
+        calls.append(np.broadcast_to(np.asarray(got_calls), (len(part) + pad,))[:len(part)])
     return (np.concatenate(codes).reshape(n, layout.height, layout.width).astype(np.int32),
             np.concatenate(calls).astype(np.int32))
 

@@ -46,7 +46,8 @@ import optax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from decodax import sampling
-from decodax.images.ar import _PARAMS, ImageLayout, ImageModel, _positive, load_image_model, save_image_model
+from decodax.images.ar import (_PARAMS, ImageLayout, ImageModel, _positive, _sample_in_batches, load_image_model,
+                               save_image_model)
 from decodax.model.cache import init_cache
 from decodax.train.loop import fit
 from decodax.train.partial import epoch_batches
@@ -275,22 +276,8 @@ def sample_nar(model: ImageModel, params: dict, layout: ImageLayout, labels: Int
     sampler = sampling.make_sampler() if sampler is None else sampler
     if not isinstance(sampler, sampling.Sampler) or sampler.needs_context:
         raise ValueError(f"sample_nar: sampler must be a decodax Sampler without penalties, got {sampler!r}")
-    labels = layout._labels(labels)
-    n = len(labels)
-    if n == 0:
-        raise ValueError("sample_nar: no labels")
-    batch_size = n if batch_size is None else _positive("sample_nar", "batch_size", batch_size)
-    codes, calls = [], []
-    for b, start in enumerate(range(0, n, batch_size)):
-        part = labels[start:start + batch_size]
-        pad = batch_size - len(part) if n > batch_size else 0  # one compiled shape per call
-        rows = np.concatenate([part, np.repeat(part[-1:], pad)])
-        grid, forwards = _generate(model, layout, sampler, params, jnp.asarray(layout.prompts(rows)),
-                                   jax.random.fold_in(key, b))
-        codes.append(np.asarray(grid)[:len(part)])
-        calls.append(np.full(len(part), int(forwards)))
-    return (np.concatenate(codes).reshape(n, layout.height, layout.width).astype(np.int32),
-            np.concatenate(calls).astype(np.int32))
+    return _sample_in_batches("sample_nar", layout, labels, batch_size, lambda b, prompts: _generate(
+        model, layout, sampler, params, jnp.asarray(prompts), jax.random.fold_in(key, b)))
 
 
 # --------------------------------------------------------------------------- #
