@@ -133,8 +133,8 @@ class Tokenizer:
     dimension of the vector quantizers (vq, vq-ema, simvq, rvq) -- FSQ, LFQ, group LFQ and
     QLAE take their dimension from the budget instead (:attr:`code_dim`). ``latent_norm``:
     a GroupNorm before the encoder's last activation and projection (VQGAN's ``norm_out``), so
-    the latents start at unit scale whatever the data; without it this small encoder's latents
-    start as a cluster ~0.03 wide, far inside SimVQ's code cloud and FSQ's central bin.
+    the latents start spread at O(1) scale whatever the data; without it this small encoder's
+    latents start as a cluster ~0.03 wide, inside SimVQ's code cloud and FSQ's central bin.
     """
 
     quantizer: str

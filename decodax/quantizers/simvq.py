@@ -14,6 +14,12 @@ the codebook term; this follows the VQ-VAE form of the loss (beta on the commitm
 The frozen ``C`` lives in the ``"frozen"`` variable collection, outside ``"params"``, so
 optimizers never see it; ``W`` is initialised as PyTorch's ``nn.Linear`` default
 (``U(-1/sqrt(D), 1/sqrt(D))`` for weight and bias) to match the reference.
+
+What "no code is left behind" needs in practice: the encoder's latents must start spread
+wider than (or as wide as) the code cloud. A narrow off-centre cluster of latents is nearest
+to a dozen codes, which a small ``W`` (D = 16: 272 parameters) can move on their own, and the
+collapse stays (measured in ``experiments/vq_tokenizers.py``: 5.6% of 1024 codes used without
+the tokenizer's ``latent_norm``, 78% with it after 300 steps, 100% after 1500).
 """
 
 from __future__ import annotations

@@ -30,13 +30,17 @@ def test_layout_ids_sequences_and_mask():
             bad()
 
 
+def class_pattern_data(n: int = 64):
+    """``LAYOUT.sequences`` of ``n`` grids whose columns are set by the class (learnable fast)."""
+    labels = np.random.default_rng(0).integers(0, 10, n)
+    codes = np.broadcast_to((labels[:, None, None] + np.arange(4)) % 16, (n, 4, 4))
+    return LAYOUT.sequences(codes, labels)
+
+
 @pytest.fixture(scope="module")
 def trained():
     model = image_model(LAYOUT, dim=32, n_layers=1, n_heads=2, max_seq_len=64)
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 10, 64)
-    codes = np.broadcast_to((labels[:, None, None] + np.arange(4)) % 16, (64, 4, 4))  # class-determined columns
-    tokens, mask = LAYOUT.sequences(codes, labels)
+    tokens, mask = class_pattern_data()
     params, hist = train_image_model(model, tokens, mask, steps=100, batch_size=32, lr=1e-2)
     print(f"image model loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}")
     return model, params, hist

@@ -18,6 +18,7 @@ from decodax import sampling
 from decodax.images import (ImageLayout, ImageModel, image_model, load_nar_model, nar_logits, nar_mask, nar_params,
                             sample_nar, save_image_model, save_nar_model, train_nar_model)
 from decodax.model.cache import init_cache
+from images.test_ar import LAYOUT, class_pattern_data
 
 K = 3  # codes of the law tests; 2 classes; every layout below shares one vocabulary (K + 2 + 1)
 SAMPLER = sampling.make_sampler(temperature=0.8, top_k=2)
@@ -166,16 +167,10 @@ def test_a_grid_takes_h_plus_w_minus_1_forwards(law_model, h, w):
     assert codes.shape == (3, h, w) and codes.min() >= 0 and codes.max() < K
 
 
-LAYOUT = ImageLayout(codebook_size=16, n_classes=10, height=4, width=4)
-
-
 @pytest.fixture(scope="module")
 def trained():
     model = image_model(LAYOUT, dim=32, n_layers=1, n_heads=2, max_seq_len=32)
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 10, 64)
-    codes = np.broadcast_to((labels[:, None, None] + np.arange(4)) % 16, (64, 4, 4))  # class-determined columns
-    tokens, _ = LAYOUT.sequences(codes, labels)
+    tokens, _ = class_pattern_data()
     params, hist = train_nar_model(model, LAYOUT, tokens, steps=60, batch_size=32, lr=1e-2)
     print(f"NAR loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}")
     return model, params, hist
